@@ -1,0 +1,465 @@
+"""Hooks that capture each layer's inputs and output gradients during ``loss.backward()``.
+
+:class:`GramHooks` attaches to an unmodified ``nn.Module``. During the user's ordinary
+forward and backward it records, for every layer with trainable parameters, the
+layer's inputs A and the gradients Δ of the loss w.r.t. its outputs. From those the
+per-layer kernels (:mod:`gradguard.uniqueness.kernels`) give the B×B Gram of
+per-example gradients and weighted gradient sums, without materialising per-example
+gradients wherever a ghost kernel is cheaper. :meth:`GramHooks.remove` detaches
+everything and leaves the model exactly as before.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .gnq import gnq_from_gram
+from .kernels import LayerCall, LayerKernel, _gram_of, kernel_for
+
+__all__ = ["GramHooks", "per_example_gnq", "UnsupportedLayerError"]
+
+_STRATEGIES = ("auto", "ghost", "materialise")
+
+
+class UnsupportedLayerError(RuntimeError):
+    """A layer whose per-example gradients gradguard cannot compute correctly."""
+
+
+@dataclass
+class _Owner:
+    """A hooked module and the names of the parameters it owns."""
+
+    path: str
+    module: nn.Module
+    kernel: LayerKernel
+    names: list[str]
+    params: list[nn.Parameter]
+
+
+def _detach(x):
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, x)
+
+
+def _first_tensor(args, kwargs):
+    for x in tree_flatten((args, kwargs))[0]:
+        if isinstance(x, torch.Tensor):
+            return x
+    return None
+
+
+class GramHooks:
+    """Capture A and Δ per layer and build the Gram of per-example gradients.
+
+    Per-example gradients are gradients of each example's own loss: under
+    ``loss_reduction="mean"`` the captured output gradients are multiplied by the batch
+    size of their forward pass, as Opacus does.
+
+    Args:
+        module: the model; it is not modified beyond registering hooks.
+        loss_reduction: ``"mean"`` or ``"sum"``, how the user's loss reduces over the batch.
+        batch_first: whether the model's inputs have the batch as their first dimension.
+        strategy: ``"auto"`` (per layer, the cheaper of ghost kernel and materialisation),
+            ``"ghost"`` (ghost kernels wherever they exist) or ``"materialise"``.
+        gram_dtype: dtype in which layer Grams are computed (they are always summed in
+            float64). Default: float64 for float64 models, float32 otherwise (inputs in
+            half precision are promoted).
+        params: restrict the guarded parameters to these (default: every parameter with
+            ``requires_grad``).
+
+    Raises:
+        ValueError: bad ``loss_reduction`` or ``strategy``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(3, 2))
+        >>> hooks = GramHooks(model, loss_reduction="sum")
+        >>> x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+        >>> torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        >>> hooks.gram().shape
+        torch.Size([5, 5])
+        >>> hooks.remove()
+    """
+
+    def __init__(self, module: nn.Module, *, loss_reduction: str = "mean", batch_first: bool = True,
+                 strategy: str = "auto", gram_dtype: torch.dtype | None = None,
+                 params: Iterable[nn.Parameter] | None = None):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"loss_reduction must be 'mean' or 'sum' (how your loss reduces over the batch), "
+                f"got {loss_reduction!r}"
+            )
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+        self.module = module
+        self.loss_reduction = loss_reduction
+        self.batch_first = batch_first
+        self.strategy = strategy
+        self._restrict = None if params is None else {id(p) for p in params}
+        if gram_dtype is None:
+            first = next(module.parameters(), None)
+            gram_dtype = torch.float64 if first is not None and first.dtype == torch.float64 \
+                else torch.float32
+        self.gram_dtype = gram_dtype
+        self._handles: list = []
+        self._owners: list[_Owner] = []
+        self._calls: dict[int, list[tuple[int, LayerCall]]] = defaultdict(list)
+        self._forward_batch: dict[int, int] = {}
+        self._forward_id = 0
+        self._received: set[int] = set()
+        self._paused = False
+        self._attach()
+
+    # ------------------------------------------------------------------ attaching
+    def _attach(self) -> None:
+        covered: list[str] = []
+        for path, m in self.module.named_modules():
+            if isinstance(m, _BatchNorm):
+                self._handles.append(m.register_forward_pre_hook(self._make_bn_check(path)))
+            if any(path == c or path.startswith(c + ".") for c in covered):
+                continue
+            kernel = kernel_for(m)
+            named = list(m.named_parameters(recurse=kernel.covers_submodules))
+            if kernel.covers_submodules:
+                covered.append(path)
+            if not named:
+                continue
+            owner = _Owner(path or type(m).__name__, m, kernel, [n for n, _ in named],
+                           [p for _, p in named])
+            idx = len(self._owners)
+            self._owners.append(owner)
+            self._handles.append(m.register_forward_hook(self._make_forward_hook(idx),
+                                                         with_kwargs=True))
+        self._handles.append(self.module.register_forward_pre_hook(self._root_pre_hook,
+                                                                   with_kwargs=True))
+        for p in self._all_params():
+            self._handles.append(p.register_post_accumulate_grad_hook(self._mark_received))
+
+    def _all_params(self) -> list[nn.Parameter]:
+        seen, out = set(), []
+        for o in self._owners:
+            for p in o.params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def _guarded(self, p: nn.Parameter) -> bool:
+        return p.requires_grad and (self._restrict is None or id(p) in self._restrict)
+
+    def _make_bn_check(self, path: str):
+        def check(m, args):
+            if m.training and torch.is_grad_enabled() and not self._paused:
+                raise UnsupportedLayerError(
+                    f"BatchNorm layer '{path}' ({type(m).__name__}) is in training mode: it "
+                    "normalises with statistics of the whole batch, so one example's gradient "
+                    "depends on the others and per-example gradients are undefined. Replace it "
+                    "with GroupNorm (opacus.validators.ModuleValidator.fix(model) does this), "
+                    "or freeze it in eval mode (model.apply(lambda m: m.eval() if "
+                    "isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else None))."
+                )
+        return check
+
+    def _root_pre_hook(self, m, args, kwargs):
+        if self._paused or not torch.is_grad_enabled():
+            return
+        self._forward_id += 1
+        x = _first_tensor(args, kwargs)
+        if x is not None and x.dim() > 0:
+            dim = 0 if self.batch_first or x.dim() < 2 else 1
+            self._forward_batch[self._forward_id] = x.shape[dim]
+
+    def _make_forward_hook(self, idx: int):
+        def hook(m, args, kwargs, output):
+            if self._paused or not torch.is_grad_enabled():
+                return
+            outs = tree_flatten(output)[0]
+            if not any(isinstance(o, torch.Tensor) and o.requires_grad for o in outs):
+                return
+            fid = self._forward_id
+            batch = self._forward_batch.get(fid)
+            if batch is None:  # called outside the root's forward: trust the layer's input
+                x = _first_tensor(args, kwargs)
+                batch = x.shape[0] if x is not None and x.dim() > 0 else 1
+            call = LayerCall(args=_detach(args), kwargs=_detach(kwargs),
+                             backprops=[None] * len(outs), offset=0, batch_size=batch,
+                             out_template=_detach(output))
+            scale = batch if self.loss_reduction == "mean" else 1
+            for k, o in enumerate(outs):
+                if isinstance(o, torch.Tensor) and o.requires_grad:
+                    o.register_hook(self._make_backprop_hook(call, k, scale))
+            self._calls[idx].append((fid, call))
+        return hook
+
+    @staticmethod
+    def _make_backprop_hook(call: LayerCall, k: int, scale: int):
+        def hook(grad):
+            g = grad.detach() * scale if scale != 1 else grad.detach()
+            prev = call.backprops[k]
+            call.backprops[k] = g if prev is None else prev + g
+        return hook
+
+    def _mark_received(self, p: torch.Tensor) -> None:
+        if not self._paused:
+            self._received.add(id(p))
+
+    # ------------------------------------------------------------------ state
+    def remove(self) -> None:
+        """Remove every hook and drop captured tensors; the model is as before."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget what was captured (call after each optimizer step)."""
+        self._calls.clear()
+        self._forward_batch.clear()
+        self._received.clear()
+
+    def _collect(self) -> tuple[int, dict[int, list[LayerCall]]]:
+        """Calls that took part in a backward pass, placed in the logical batch."""
+        with_grad = sorted({fid for calls in self._calls.values() for fid, c in calls
+                            if any(b is not None for b in c.backprops)})
+        offsets, total = {}, 0
+        for fid in with_grad:
+            offsets[fid] = total
+            total += self._forward_batch.get(fid) or next(
+                c.batch_size for calls in self._calls.values() for f, c in calls if f == fid)
+        promote = self.gram_dtype
+        result: dict[int, list[LayerCall]] = {}
+        for idx, calls in self._calls.items():
+            kept = []
+            for fid, c in calls:
+                if fid not in offsets or all(b is None for b in c.backprops):
+                    continue
+                c.offset = offsets[fid]
+                c.args, c.kwargs, c.backprops = tree_map(
+                    lambda t: _promote(t, promote), (c.args, c.kwargs, c.backprops))
+                c.out_template = tree_map(lambda t: _promote(t, promote), c.out_template)
+                kept.append(c)
+            if kept:
+                result[idx] = kept
+        self._check_coverage(result)
+        return total, result
+
+    def _check_coverage(self, calls: dict[int, list[LayerCall]]) -> None:
+        for idx, owner in enumerate(self._owners):
+            if idx in calls:
+                continue
+            for n, p in zip(owner.names, owner.params):
+                if (id(p) in self._received and self._guarded(p)
+                        and not self._shared_elsewhere(p, calls)):
+                    raise UnsupportedLayerError(
+                        f"parameter '{owner.path}.{n}' received a gradient, but its module "
+                        f"'{owner.path}' ({type(owner.module).__name__}) was never called in the "
+                        "forward pass: it is used functionally by another module (e.g. "
+                        "F.linear(x, self.child.weight)). gradguard cannot attribute that "
+                        "gradient to examples. Register a kernel that covers the parent module "
+                        "(a LayerKernel with covers_submodules=True) via "
+                        "gradguard.register_kernel."
+                    )
+
+    def _shared_elsewhere(self, p, calls) -> bool:
+        return any(i in calls and any(q is p for q in o.params) for i, o in enumerate(self._owners))
+
+    @property
+    def batch_size(self) -> int:
+        """Examples in the captured logical batch (0 before any backward)."""
+        return self._collect()[0] if self._calls else 0
+
+    # ------------------------------------------------------------------ results
+    def _plan(self, calls: dict[int, list[LayerCall]]):
+        """Per owner: the trainable names it handles alone, and the tied parameters."""
+        counts: dict[int, int] = defaultdict(int)
+        for o in self._owners:
+            for p in o.params:
+                counts[id(p)] += 1
+        solo, tied = {}, defaultdict(list)
+        for idx, o in enumerate(self._owners):
+            if idx not in calls:
+                continue
+            names = []
+            for n, p in zip(o.names, o.params):
+                if not self._guarded(p):
+                    continue
+                if counts[id(p)] > 1:
+                    tied[id(p)].append((idx, n, p))
+                else:
+                    names.append(n)
+            solo[idx] = names
+        return solo, tied
+
+    def _use_ghost(self, owner: _Owner, calls, batch: int, names) -> bool:
+        if self.strategy == "materialise":
+            return False
+        ghost, materialise = owner.kernel.costs(owner.module, calls, batch, names)
+        if ghost == float("inf"):
+            return False
+        return self.strategy == "ghost" or ghost <= materialise
+
+    def gram(self) -> torch.Tensor:
+        """The B×B Gram of per-example gradients of the guarded parameters (float64).
+
+        Raises:
+            UnsupportedLayerError: a parameter received gradient that cannot be attributed.
+        """
+        batch, calls = self._collect()
+        device = _first_param_device(self.module)
+        K = torch.zeros(batch, batch, dtype=torch.float64, device=device)
+        if batch == 0:
+            return K
+        solo, tied = self._plan(calls)
+        self._paused = True
+        try:
+            for idx, names in solo.items():
+                if not names:
+                    continue
+                o = self._owners[idx]
+                if self._use_ghost(o, calls[idx], batch, names):
+                    K += o.kernel.gram(o.module, calls[idx], batch, names, self.gram_dtype)
+                else:
+                    grads = o.kernel.per_example_grads(o.module, calls[idx], batch, names)
+                    if grads:
+                        K += _gram_of(grads.values(), batch, self.gram_dtype)
+            for uses in tied.values():
+                g = None
+                for idx, n, _ in uses:
+                    o = self._owners[idx]
+                    part = o.kernel.per_example_grads(o.module, calls[idx], batch, [n])[n]
+                    g = part if g is None else g + part
+                K += _gram_of([g], batch, self.gram_dtype)
+        finally:
+            self._paused = False
+        return K
+
+    def per_example_grads(self) -> dict[nn.Parameter, torch.Tensor]:
+        """Materialised per-example gradients ``{param: [B, *param.shape]}`` (for checks)."""
+        batch, calls = self._collect()
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        solo, tied = self._plan(calls)
+        self._paused = True
+        try:
+            for idx, names in solo.items():
+                o = self._owners[idx]
+                if names:
+                    grads = o.kernel.per_example_grads(o.module, calls[idx], batch, names)
+                    for n, g in grads.items():
+                        out[_param(o, n)] = g
+            for uses in tied.values():
+                for idx, n, p in uses:
+                    o = self._owners[idx]
+                    g = o.kernel.per_example_grads(o.module, calls[idx], batch, [n])[n]
+                    out[p] = g if p not in out else out[p] + g
+        finally:
+            self._paused = False
+        return out
+
+    def weighted_grads(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        """Σ_j w_j g_j for every guarded parameter that took part in the step.
+
+        Layers with ghost kernels compute it as one matmul from A and Δ (book-keeping),
+        without a second backward pass and without per-example gradients.
+        """
+        batch, calls = self._collect()
+        if weights.shape != (batch,):
+            raise ValueError(f"weights must have shape ({batch},), got {tuple(weights.shape)}")
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        solo, tied = self._plan(calls)
+        self._paused = True
+        try:
+            jobs = [(idx, names) for idx, names in solo.items() if names]
+            jobs += [(idx, [n]) for uses in tied.values() for idx, n, _ in uses]
+            for idx, names in jobs:
+                o = self._owners[idx]
+                for n, g in o.kernel.weighted_grads(o.module, calls[idx], weights, names).items():
+                    p = _param(o, n)
+                    g = g.to(p.dtype)
+                    out[p] = g if p not in out else out[p] + g
+        finally:
+            self._paused = False
+        return out
+
+    def layer_routes(self) -> dict[str, str]:
+        """For the last captured step: each layer's route, ``"ghost"`` or ``"materialise"``."""
+        batch, calls = self._collect()
+        solo, tied = self._plan(calls)
+        routes = {}
+        for idx, names in solo.items():
+            o = self._owners[idx]
+            if names:
+                routes[o.path] = "ghost" if self._use_ghost(o, calls[idx], batch, names) \
+                    else "materialise"
+        for uses in tied.values():
+            for idx, n, _ in uses:
+                routes[f"{self._owners[idx].path}.{n} (tied)"] = "materialise"
+        return routes
+
+
+def _param(owner: _Owner, name: str) -> nn.Parameter:
+    return owner.params[owner.names.index(name)]
+
+
+def _promote(t, dtype: torch.dtype):
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and \
+            torch.finfo(t.dtype).bits < torch.finfo(dtype).bits:
+        return t.to(dtype)
+    return t
+
+
+def _first_param_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def per_example_gnq(model: nn.Module, loss_fn, x, y, lam: float = 1e-2, *, relative: bool = False,
+                    strategy: str = "auto", batch_first: bool = True,
+                    gram_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One-shot GNQ of every example in a batch, with the same engine as :class:`GradGuard`.
+
+    The model's parameters' ``.grad`` are left untouched.
+
+    Args:
+        model: the model (train or eval mode; BatchNorm must be in eval mode).
+        loss_fn: ``loss_fn(model(x), y)``, summed over examples (``reduction="sum"``).
+        x: the batch of inputs (a tensor, or a tuple of positional inputs).
+        y: the targets.
+        lam: ridge λ > 0 (or ρ with ``relative=True``).
+        relative: use λ = ρ·trace(K)/B.
+        strategy: ``"auto"``, ``"ghost"`` or ``"materialise"``.
+        batch_first: whether inputs are batch first.
+        gram_dtype: dtype of the layer Grams (default float32, float64 for float64 models).
+
+    Returns:
+        ``[B]`` float64 GNQ.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(10, 3)
+        >>> x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+        >>> loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="sum")
+        >>> per_example_gnq(model, loss, x, y).shape
+        torch.Size([8])
+    """
+    hooks = GramHooks(model, loss_reduction="sum", strategy=strategy, batch_first=batch_first,
+                      gram_dtype=gram_dtype)
+    try:
+        inputs = x if isinstance(x, tuple) else (x,)
+        loss = loss_fn(model(*inputs), y)
+        if not torch.isfinite(loss):
+            raise ValueError(f"the loss is not finite ({loss.item()}); GNQ is undefined for "
+                             "this batch")
+        params = [p for p in hooks._all_params() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        hooks._received = {id(p) for p, g in zip(params, grads) if g is not None}
+        K = hooks.gram()
+    finally:
+        hooks.remove()
+    return gnq_from_gram(K, lam, relative=relative)

@@ -1,0 +1,612 @@
+"""Per-layer kernels: per-example-gradient Grams and weighted gradient sums from A and Δ.
+
+A kernel turns what the hooks captured for one layer during a step (its inputs A and
+the gradients Δ of the loss w.r.t. its outputs, for every call of the layer) into
+
+- ``gram``: the layer's contribution Σ_p G_p G_pᵀ to the B×B Gram of per-example
+  gradients, from a "ghost" formula where one exists;
+- ``per_example_grads``: the materialised per-example gradients [B, *p.shape];
+- ``weighted_grads``: Σ_j w_j g_j, the gradient of a reweighted loss, without
+  materialising anything where the layer is linear in its parameters;
+- ``costs``: rough flop counts of the ghost and materialised routes, so the engine can
+  take the cheaper one per layer and per step.
+
+Kernels live in a registry keyed by module type, as Opacus keeps its grad samplers.
+Users add one for a custom layer with :func:`register_kernel`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+__all__ = [
+    "LayerCall",
+    "LayerKernel",
+    "LinearKernel",
+    "ConvKernel",
+    "EmbeddingKernel",
+    "FunctionalKernel",
+    "GradSamplerKernel",
+    "register_kernel",
+    "kernel_for",
+    "KERNELS",
+]
+
+# Ghost Grams on sequences form [chunk, B, T, T] intermediates; keep each under this
+# many elements so memory stays bounded for long sequences.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class LayerCall:
+    """One call of a layer in a step, as the hooks captured it.
+
+    Attributes:
+        args: the positional inputs of the call (detached).
+        kwargs: the keyword inputs of the call (detached).
+        backprops: gradients of the loss w.r.t. the call's flattened tensor outputs,
+            already multiplied by the batch size under ``loss_reduction="mean"``;
+            ``None`` for an output that did not reach the loss.
+        offset: position of this call's first example in the step's logical batch
+            (micro-batches of a virtual step follow each other).
+        batch_size: examples in this call.
+        out_template: the call's outputs (detached), to rebuild shapes.
+    """
+
+    args: tuple
+    kwargs: dict
+    backprops: list[torch.Tensor | None]
+    offset: int
+    batch_size: int
+    out_template: Any = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def activation(self) -> torch.Tensor:
+        return self.args[0]
+
+    @property
+    def backprop(self) -> torch.Tensor:
+        bp = self.backprops[0]
+        if bp is None:
+            out = tree_flatten(self.out_template)[0][0]
+            bp = torch.zeros_like(out)
+        return bp
+
+
+class LayerKernel:
+    """Base class: a kernel that only knows how to materialise per-example gradients.
+
+    Subclasses override :meth:`per_example_grads`; ghost kernels also override
+    :meth:`gram`, :meth:`weighted_grads` and :meth:`costs`.
+    """
+
+    #: the kernel computes gradients for every parameter of the module's subtree
+    #: (e.g. MultiheadAttention uses ``out_proj.weight`` without calling ``out_proj``).
+    covers_submodules: bool = False
+
+    def per_example_grads(self, module: nn.Module, calls: Sequence[LayerCall], batch_size: int,
+                          names: Sequence[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def gram(self, module: nn.Module, calls: Sequence[LayerCall], batch_size: int,
+             names: Sequence[str], dtype: torch.dtype) -> torch.Tensor:
+        grads = self.per_example_grads(module, calls, batch_size, names)
+        return _gram_of(grads.values(), batch_size, dtype)
+
+    def weighted_grads(self, module: nn.Module, calls: Sequence[LayerCall], weights: torch.Tensor,
+                       names: Sequence[str]) -> dict[str, torch.Tensor]:
+        grads = self.per_example_grads(module, calls, weights.shape[0], names)
+        return {n: torch.einsum("b,b...->...", weights.to(g.dtype), g) for n, g in grads.items()}
+
+    def costs(self, module: nn.Module, calls: Sequence[LayerCall], batch_size: int,
+              names: Sequence[str]) -> tuple[float, float]:
+        """(ghost cost, materialise cost); ``math.inf`` ghost cost means no ghost route."""
+        return math.inf, 0.0
+
+
+def _gram_of(grads, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    K = None
+    for g in grads:
+        g = g.reshape(batch_size, -1).to(dtype)
+        K = g @ g.T if K is None else K + g @ g.T
+    return K
+
+
+# --------------------------------------------------------------------------- linear algebra
+# Everything below works on "segments": per call, A of shape [B, T, Gr, d_in] and Δ of
+# shape [B, T, Gr, d_out] (T positions: sequence steps or conv patches; Gr groups), plus
+# the call's offset in the logical batch. A layer's per-example gradient is
+# g_i = Σ over its segments' rows of Δ_itᵀ A_it.
+
+@dataclass
+class _Segment:
+    A: torch.Tensor  # [B, T, Gr, d_in]
+    D: torch.Tensor  # [B, T, Gr, d_out]
+    offset: int
+
+
+def _seg_gram(s1: _Segment, s2: _Segment) -> torch.Tensor:
+    """Σ_{t,u,g} (a_it·a_ju)(δ_it·δ_ju) between two segments: a [B1, B2] block."""
+    B1, T1, Gr = s1.A.shape[:3]
+    B2, T2 = s2.A.shape[:2]
+    if T1 == 1 and T2 == 1:
+        AA = torch.einsum("igd,jgd->gij", s1.A[:, 0], s2.A[:, 0])
+        DD = torch.einsum("igd,jgd->gij", s1.D[:, 0], s2.D[:, 0])
+        return (AA * DD).sum(0)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, B2 * T1 * T2 * Gr))
+    blocks = []
+    for start in range(0, B1, chunk):
+        A1, D1 = s1.A[start:start + chunk], s1.D[start:start + chunk]
+        AA = torch.einsum("itgd,jugd->ijgtu", A1, s2.A)
+        DD = torch.einsum("itgd,jugd->ijgtu", D1, s2.D)
+        blocks.append((AA * DD).sum((2, 3, 4)))
+    return torch.cat(blocks)
+
+
+def _segments_gram(segs: Sequence[_Segment], batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    K = torch.zeros(batch_size, batch_size, dtype=dtype, device=segs[0].A.device)
+    for i, s1 in enumerate(segs):
+        for s2 in segs[i:]:
+            block = _seg_gram(s1, s2).to(dtype)
+            r = slice(s1.offset, s1.offset + s1.A.shape[0])
+            c = slice(s2.offset, s2.offset + s2.A.shape[0])
+            K[r, c] += block
+            if s2 is not s1:
+                K[c, r] += block.T
+    return K
+
+
+def _segments_weight_grads(segs: Sequence[_Segment], batch_size: int) -> torch.Tensor:
+    """Per-example Δᵀ A: [B, Gr, d_out, d_in]."""
+    s0 = segs[0]
+    G = s0.A.new_zeros(batch_size, s0.A.shape[2], s0.D.shape[3], s0.A.shape[3])
+    for s in segs:
+        G[s.offset:s.offset + s.A.shape[0]] += torch.einsum("btgo,btgi->bgoi", s.D, s.A)
+    return G
+
+
+def _segments_bias_grads(segs: Sequence[_Segment], batch_size: int) -> torch.Tensor:
+    """Per-example Σ_t Δ: [B, Gr, d_out]."""
+    s0 = segs[0]
+    b = s0.D.new_zeros(batch_size, s0.D.shape[2], s0.D.shape[3])
+    for s in segs:
+        b[s.offset:s.offset + s.D.shape[0]] += s.D.sum(1)
+    return b
+
+
+def _segments_weighted_weight_grad(segs: Sequence[_Segment], w: torch.Tensor) -> torch.Tensor:
+    """Σ_j w_j Δ_jᵀ A_j: [Gr, d_out, d_in], one matmul per segment (book-keeping)."""
+    total = None
+    for s in segs:
+        ws = w[s.offset:s.offset + s.A.shape[0]].to(s.D.dtype)
+        part = torch.einsum("b,btgo,btgi->goi", ws, s.D, s.A)
+        total = part if total is None else total + part
+    return total
+
+
+def _segments_weighted_bias_grad(segs: Sequence[_Segment], w: torch.Tensor) -> torch.Tensor:
+    total = None
+    for s in segs:
+        ws = w[s.offset:s.offset + s.D.shape[0]].to(s.D.dtype)
+        part = torch.einsum("b,btgo->go", ws, s.D)
+        total = part if total is None else total + part
+    return total
+
+
+def _seg_rows(segs: Sequence[_Segment]) -> int:
+    return sum(s.A.shape[0] * s.A.shape[1] for s in segs)
+
+
+class _AffineKernel(LayerKernel):
+    """Shared logic of layers whose weight gradient is Δᵀ A over positions (Linear, Conv)."""
+
+    def segments(self, module: nn.Module, calls: Sequence[LayerCall]) -> list[_Segment]:
+        raise NotImplementedError
+
+    def weight_shape(self, module: nn.Module) -> torch.Size:
+        return module.weight.shape
+
+    def per_example_grads(self, module, calls, batch_size, names):
+        segs = self.segments(module, calls)
+        out = {}
+        if "weight" in names:
+            out["weight"] = _segments_weight_grads(segs, batch_size).reshape(
+                batch_size, *self.weight_shape(module))
+        if "bias" in names:
+            out["bias"] = _segments_bias_grads(segs, batch_size).reshape(batch_size, -1)
+        return out
+
+    def gram(self, module, calls, batch_size, names, dtype):
+        segs = self.segments(module, calls)
+        K = torch.zeros(batch_size, batch_size, dtype=dtype, device=segs[0].A.device)
+        if "weight" in names:
+            K += _segments_gram(segs, batch_size, dtype)
+        if "bias" in names:
+            b = _segments_bias_grads(segs, batch_size).reshape(batch_size, -1).to(dtype)
+            K += b @ b.T
+        return K
+
+    def weighted_grads(self, module, calls, weights, names):
+        segs = self.segments(module, calls)
+        out = {}
+        if "weight" in names:
+            out["weight"] = _segments_weighted_weight_grad(segs, weights).reshape(
+                self.weight_shape(module))
+        if "bias" in names:
+            out["bias"] = _segments_weighted_bias_grad(segs, weights).reshape(-1)
+        return out
+
+    def costs(self, module, calls, batch_size, names):
+        segs = self.segments(module, calls)
+        s = segs[0]
+        Gr, di, do = s.A.shape[2], s.A.shape[3], s.D.shape[3]
+        T = sum(seg.A.shape[1] for seg in segs) / max(1, len(segs)) * len(segs)
+        ghost = batch_size * batch_size * T * T * Gr * (di + do)
+        if all(seg.A.shape[1] == 1 for seg in segs):
+            ghost = batch_size * batch_size * Gr * (di + do) * len(segs) ** 2
+        materialise = _seg_rows(segs) * Gr * di * do + batch_size * batch_size * Gr * di * do
+        return float(ghost), float(materialise)
+
+
+def _batch_first_3d(x: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+    if x.dim() < 2:
+        raise ValueError(
+            f"{what} got an input of shape {tuple(x.shape)} with no batch dimension; "
+            "gradguard needs batched inputs (batch first)."
+        )
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class LinearKernel(_AffineKernel):
+    """``nn.Linear`` with any number of leading dimensions.
+
+    Ghost Gram: K_ij = Σ_{t,s}(a_it·a_js)(δ_it·δ_js): the exact kernel on sequences
+    (flattening tokens into features is not the same and is wrong).
+    """
+
+    def segments(self, module, calls):
+        segs = []
+        for c in calls:
+            A = _batch_first_3d(c.activation, c.batch_size, type(module).__name__)
+            D = c.backprop.reshape(A.shape[0], A.shape[1], -1)
+            segs.append(_Segment(A.unsqueeze(2), D.unsqueeze(2), c.offset))
+        return segs
+
+
+def _conv_pad(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pad ``x`` exactly as the conv's forward does (any padding mode, "same", "valid")."""
+    nd = x.dim() - 2
+    k, d = module.kernel_size, module.dilation
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            pads = [(0, 0)] * nd
+        else:  # "same": PyTorch puts the odd element on the right
+            pads = []
+            for i in range(nd):
+                total = d[i] * (k[i] - 1)
+                pads.append((total // 2, total - total // 2))
+    else:
+        pads = [(p, p) for p in module.padding]
+    flat = []
+    for left, right in reversed(pads):
+        flat += [left, right]
+    if any(flat):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, flat, mode=mode)
+    return x
+
+
+def unfold_conv_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Patches of a ConvNd input: [B, L, groups, C_in/groups · prod(kernel)].
+
+    Matches the weight layout [C_out, C_in/groups, *kernel] so per-example gradients
+    are Δᵀ·patches per group. Works for any N with stride, padding (all modes),
+    dilation and groups.
+    """
+    x = _conv_pad(module, x)
+    nd = x.dim() - 2
+    for i in range(nd):
+        dim = 2 + i
+        span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
+        x = x.unfold(dim, span, module.stride[i])
+        if module.dilation[i] > 1:
+            x = x[..., :: module.dilation[i]]
+    # x: [B, C, L_1..L_nd, k_1..k_nd]
+    B, C = x.shape[:2]
+    L = math.prod(x.shape[2:2 + nd])
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    x = x.permute(perm).reshape(B, L, module.groups, -1)
+    return x
+
+
+class ConvKernel(_AffineKernel):
+    """``nn.Conv1d/2d/3d``: the linear kernel on unfolded patches, per group."""
+
+    def segments(self, module, calls):
+        segs = []
+        for c in calls:
+            x = c.activation
+            if x.dim() == module.weight.dim() - 1:
+                raise ValueError(
+                    f"{type(module).__name__} got an unbatched input of shape {tuple(x.shape)}; "
+                    "gradguard needs batched inputs (batch first)."
+                )
+            A = unfold_conv_input(module, x)
+            per_group = module.out_channels // module.groups
+            D = c.backprop.reshape(x.shape[0], module.groups, per_group, -1)
+            D = D.permute(0, 3, 1, 2)
+            segs.append(_Segment(A, D, c.offset))
+        return segs
+
+
+class EmbeddingKernel(LayerKernel):
+    """``nn.Embedding``: K_ij = Σ_{t,s} [id_it = id_js] (δ_it·δ_js).
+
+    Positions holding ``padding_idx`` contribute nothing, as in the layer's backward.
+    """
+
+    def _segments(self, module, calls):
+        if module.scale_grad_by_freq:
+            raise ValueError(
+                "Embedding(scale_grad_by_freq=True) scales gradients by token counts over the "
+                "whole batch, which mixes examples: per-example gradients are undefined. "
+                "Set scale_grad_by_freq=False to guard this model."
+            )
+        segs = []
+        for c in calls:
+            ids = c.activation.reshape(c.batch_size, -1)
+            D = c.backprop.reshape(c.batch_size, ids.shape[1], -1)
+            if module.padding_idx is not None:
+                D = D * (ids != module.padding_idx).unsqueeze(-1).to(D.dtype)
+            segs.append((ids, D, c.offset))
+        return segs
+
+    def per_example_grads(self, module, calls, batch_size, names):
+        if "weight" not in names:
+            return {}
+        G = module.weight.new_zeros(batch_size, *module.weight.shape)
+        for ids, D, off in self._segments(module, calls):
+            for i in range(ids.shape[0]):
+                G[off + i].index_add_(0, ids[i], D[i].to(G.dtype))
+        return {"weight": G}
+
+    def gram(self, module, calls, batch_size, names, dtype):
+        segs = self._segments(module, calls)
+        K = torch.zeros(batch_size, batch_size, dtype=dtype, device=segs[0][1].device)
+        if "weight" not in names:
+            return K
+        for a, (ids1, D1, o1) in enumerate(segs):
+            for ids2, D2, o2 in segs[a:]:
+                B1, T1 = ids1.shape
+                B2, T2 = ids2.shape
+                chunk = max(1, _CHUNK_ELEMENTS // max(1, B2 * T1 * T2))
+                rows = []
+                for s in range(0, B1, chunk):
+                    eq = ids1[s:s + chunk, None, :, None] == ids2[None, :, None, :]
+                    dd = torch.einsum("itd,jud->ijtu", D1[s:s + chunk], D2)
+                    rows.append((dd * eq).sum((2, 3)))
+                block = torch.cat(rows).to(dtype)
+                K[o1:o1 + B1, o2:o2 + B2] += block
+                if ids2 is not ids1:
+                    K[o2:o2 + B2, o1:o1 + B1] += block.T
+        return K
+
+    def weighted_grads(self, module, calls, weights, names):
+        if "weight" not in names:
+            return {}
+        g = torch.zeros_like(module.weight)
+        for ids, D, off in self._segments(module, calls):
+            w = weights[off:off + ids.shape[0]].to(D.dtype)
+            rows = (D * w[:, None, None]).reshape(-1, D.shape[-1]).to(g.dtype)
+            g.index_add_(0, ids.reshape(-1), rows)
+        return {"weight": g}
+
+    def costs(self, module, calls, batch_size, names):
+        T = sum(c.activation.reshape(c.batch_size, -1).shape[1] for c in calls)
+        ghost = batch_size * batch_size * T * T * module.embedding_dim
+        materialise = batch_size * module.weight.numel() * (1 + batch_size)
+        return float(ghost), float(materialise)
+
+
+class GradSamplerKernel(LayerKernel):
+    """Materialises through an Opacus-style grad sampler ``fn(layer, activations, backprops)``.
+
+    ``fn`` returns ``{parameter: per-example gradient [B, *p.shape]}`` for one call, with
+    ``activations`` the list of the call's positional tensor inputs: the signature of
+    Opacus's ``register_grad_sampler`` functions, so existing ones can be reused.
+    """
+
+    def __init__(self, fn: Callable[[nn.Module, list, torch.Tensor], dict]):
+        self.fn = fn
+
+    def per_example_grads(self, module, calls, batch_size, names):
+        by_param = {id(getattr(module, n)): n for n in names}
+        out: dict[str, torch.Tensor] = {}
+        for c in calls:
+            acts = [a for a in c.args if isinstance(a, torch.Tensor)]
+            result = self.fn(module, acts, c.backprop)
+            for p, g in result.items():
+                n = by_param.get(id(p))
+                if n is None:
+                    continue
+                if n not in out:
+                    out[n] = g.new_zeros(batch_size, *g.shape[1:])
+                out[n][c.offset:c.offset + g.shape[0]] += g
+        return out
+
+    def costs(self, module, calls, batch_size, names):
+        return math.inf, 0.0
+
+
+class FunctionalKernel(LayerKernel):
+    """Any layer: per-example gradients of its own parameters by ``torch.func``.
+
+    For each example, the gradient of ⟨layer(x_i), δ_i⟩ w.r.t. the layer's parameters,
+    vectorised with ``vmap``. Tensors whose leading dimension equals the call's batch
+    size are treated as batched; others (masks, positional tables) are shared.
+    """
+
+    def __init__(self, *, covers_submodules: bool = False,
+                 batch_dims: Callable[[nn.Module, LayerCall], tuple] | None = None):
+        self.covers_submodules = covers_submodules
+        self._batch_dims = batch_dims
+
+    def _dims(self, module: nn.Module, call: LayerCall):
+        if self._batch_dims is not None:
+            return self._batch_dims(module, call)
+
+        def dim_of(t):
+            batched = isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == call.batch_size
+            return 0 if batched else None
+
+        arg_dims = tuple(dim_of(a) for a in call.args)
+        kw_dims = {k: dim_of(v) for k, v in call.kwargs.items()}
+        out_dims = [dim_of(o) for o in tree_flatten(call.out_template)[0]]
+        return arg_dims, kw_dims, out_dims
+
+    def per_example_grads(self, module, calls, batch_size, names):
+        from torch.func import functional_call, grad, vmap
+
+        params = dict(module.named_parameters(recurse=self.covers_submodules))
+        trainable = {n: params[n].detach() for n in names}
+        frozen = {n: p.detach() for n, p in params.items() if n not in trainable}
+        buffers = dict(module.named_buffers(recurse=True))
+        out: dict[str, torch.Tensor] = {}
+        for c in calls:
+            arg_dims, kw_dims, out_dims = self._dims(module, c)
+            bps = []
+            for o, bp in zip(tree_flatten(c.out_template)[0], c.backprops):
+                if not isinstance(o, torch.Tensor) or not o.is_floating_point():
+                    bps.append(None)
+                    continue
+                bps.append(torch.zeros_like(o) if bp is None else bp)
+            bp_dims = [d if b is not None else None for b, d in zip(bps, out_dims)]
+            kw_keys = list(c.kwargs)
+
+            def inner(p, args, kwvals, backprops, kw_keys=kw_keys, bp_dims=bp_dims,
+                      arg_dims=arg_dims, kw_dims=kw_dims):
+                # vmap strips the batch dimension; the layer expects it, so put it back.
+                args = tuple(a.unsqueeze(d) if d is not None else a for a, d in zip(args, arg_dims))
+                kw = {k: (v.unsqueeze(kw_dims[k]) if kw_dims[k] is not None else v)
+                      for k, v in zip(kw_keys, kwvals)}
+                res = functional_call(module, ({**p, **frozen}, buffers), args, kw)
+                total = 0.0
+                for o, b, d in zip(tree_flatten(res)[0], backprops, bp_dims):
+                    if b is None:
+                        continue
+                    b = b.unsqueeze(d) if d is not None else b
+                    total = total + (o * b).sum()
+                return total
+
+            in_dims = (None, arg_dims, [kw_dims[k] for k in kw_keys], bp_dims)
+            try:
+                g = vmap(grad(inner), in_dims=in_dims, randomness="same")(
+                    trainable, c.args, [c.kwargs[k] for k in kw_keys], bps)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the fix
+                raise NotImplementedError(
+                    f"gradguard cannot compute per-example gradients of {type(module).__name__} "
+                    f"with torch.func ({type(exc).__name__}: {exc}). Register a kernel for it: "
+                    f"`@gradguard.register_kernel({type(module).__name__})` on a function "
+                    "(layer, activations, backprops) -> {param: per-example grad}, as for "
+                    "Opacus's register_grad_sampler."
+                ) from exc
+            for n, gn in g.items():
+                if n not in out:
+                    out[n] = gn.new_zeros(batch_size, *gn.shape[1:])
+                out[n][c.offset:c.offset + gn.shape[0]] += gn
+        return out
+
+
+def _mha_batch_dims(module: nn.MultiheadAttention, call: LayerCall):
+    seq_dim = 0 if module.batch_first else 1
+    names = ["query", "key", "value"]
+    arg_dims = tuple(seq_dim if i < 3 else None for i in range(len(call.args)))
+    kw_dims = {}
+    for k, v in call.kwargs.items():
+        if k in names:
+            kw_dims[k] = seq_dim
+        elif k == "key_padding_mask" and isinstance(v, torch.Tensor):
+            kw_dims[k] = 0
+        elif k == "attn_mask" and isinstance(v, torch.Tensor) and v.dim() == 3:
+            raise ValueError(
+                "MultiheadAttention with a 3-D attn_mask (one mask per example and head) "
+                "is not supported by gradguard; use a 2-D attn_mask plus key_padding_mask."
+            )
+        else:
+            kw_dims[k] = None
+    outs = tree_flatten(call.out_template)[0]
+    out_dims = [seq_dim if i == 0 else (0 if isinstance(o, torch.Tensor) else None)
+                for i, o in enumerate(outs)]
+    return arg_dims, kw_dims, out_dims
+
+
+KERNELS: dict[type, LayerKernel] = {
+    nn.Linear: LinearKernel(),
+    nn.Conv1d: ConvKernel(),
+    nn.Conv2d: ConvKernel(),
+    nn.Conv3d: ConvKernel(),
+    nn.Embedding: EmbeddingKernel(),
+    nn.MultiheadAttention: FunctionalKernel(covers_submodules=True, batch_dims=_mha_batch_dims),
+}
+
+
+def _register_opacus_samplers() -> None:
+    try:
+        from opacus.grad_sample.grad_sample_module import GradSampleModule
+    except ImportError:  # pragma: no cover - opacus is a dependency
+        return
+    for layer_type in (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                       nn.InstanceNorm3d, getattr(nn, "RMSNorm", None)):
+        fn = GradSampleModule.GRAD_SAMPLERS.get(layer_type)
+        if layer_type is not None and fn is not None:
+            KERNELS[layer_type] = GradSamplerKernel(fn)
+
+
+_register_opacus_samplers()
+_FALLBACK = FunctionalKernel()
+
+
+def register_kernel(*layer_types: type) -> Callable:
+    """Register a kernel for custom layer types (decorator).
+
+    The decorated object is either a :class:`LayerKernel` instance or subclass, or an
+    Opacus-style grad sampler ``fn(layer, activations, backprops) -> {param: [B, ...]}``.
+
+    Example:
+        >>> import torch
+        >>> class Scale(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.ones(3))
+        ...     def forward(self, x):
+        ...         return x * self.w
+        >>> @register_kernel(Scale)
+        ... def scale_grad_sample(layer, activations, backprops):
+        ...     return {layer.w: activations[0] * backprops}
+    """
+
+    def decorate(obj):
+        kernel = obj
+        if isinstance(obj, type) and issubclass(obj, LayerKernel):
+            kernel = obj()
+        elif not isinstance(obj, LayerKernel):
+            kernel = GradSamplerKernel(obj)
+        for t in layer_types:
+            KERNELS[t] = kernel
+        return obj
+
+    return decorate
+
+
+def kernel_for(module: nn.Module) -> LayerKernel:
+    """The registered kernel for ``module``'s exact type, else the torch.func fallback."""
+    return KERNELS.get(type(module), _FALLBACK)
