@@ -47,6 +47,10 @@ def _detach(x):
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, x)
 
 
+def _functorch_wrapped(t) -> bool:
+    return isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _first_tensor(args, kwargs):
     for x in tree_flatten((args, kwargs))[0]:
         if isinstance(x, torch.Tensor):
@@ -140,7 +144,8 @@ class GramHooks:
         self._handles.append(self.module.register_forward_pre_hook(self._root_pre_hook,
                                                                    with_kwargs=True))
         for p in self._all_params():
-            self._handles.append(p.register_post_accumulate_grad_hook(self._mark_received))
+            if p.requires_grad:  # frozen now: never guarded, and hooks need requires_grad
+                self._handles.append(p.register_post_accumulate_grad_hook(self._mark_received))
 
     def _all_params(self) -> list[nn.Parameter]:
         seen, out = set(), []
@@ -170,6 +175,8 @@ class GramHooks:
     def _root_pre_hook(self, m, args, kwargs):
         if self._paused or not torch.is_grad_enabled():
             return
+        if any(_functorch_wrapped(t) for t in tree_flatten((args, kwargs))[0]):
+            return
         self._forward_id += 1
         x = _first_tensor(args, kwargs)
         if x is not None and x.dim() > 0:
@@ -181,6 +188,8 @@ class GramHooks:
             if self._paused or not torch.is_grad_enabled():
                 return
             outs = tree_flatten(output)[0]
+            if any(_functorch_wrapped(o) for o in outs):
+                return  # a call under vmap/grad (e.g. the user's own torch.func code)
             if not any(isinstance(o, torch.Tensor) and o.requires_grad for o in outs):
                 return
             fid = self._forward_id
