@@ -5,6 +5,8 @@ TensorBoard logging, and GNQ-based clipping or censorship as a lighter alternati
 to DP-SGD.
 """
 
+from . import audit
+from .curvature import CurvatureProbe, ProbeResult, input_curvature
 from .engine import GradGuard, NonFiniteGradientError
 from .ledger import DisclosureLedger
 from .optimizer import GuardedOptimizer
@@ -17,6 +19,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GradGuard",
+    "CurvatureProbe",
+    "ProbeResult",
+    "input_curvature",
+    "audit",
     "GuardedOptimizer",
     "NonFiniteGradientError",
     "DisclosureLedger",

@@ -73,7 +73,8 @@ def _tag(name: str) -> str:
 
 def _as_float(value: float | torch.Tensor | np.ndarray, what: str) -> float:
     if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
-        if np.size(value) != 1 if not isinstance(value, torch.Tensor) else value.numel() != 1:
+        size = value.numel() if isinstance(value, torch.Tensor) else np.size(value)
+        if size != 1:
             raise ValueError(f"{what} must be a scalar, got shape {tuple(value.shape)}")
         return float(value.item())
     if isinstance(value, (int, float)):

@@ -441,3 +441,26 @@ def test_hparams_dashboard_sees_one_session_per_run(tmp_path):
     assert group.hparams["relative_lam"].WhichOneof("kind") == "bool_value"
     (metric,) = group.metric_values
     assert metric.name.tag == "gradguard/acc" and metric.value == 0.5
+
+
+def test_edge_cases_nonfinite_gnq_empty_ledger_and_one_sided_probe(tmp_path):
+    sink = TensorBoardSink(tmp_path)
+    ledger = DisclosureLedger(3)
+    sink.log_top_table(0, ledger)  # nothing seen yet
+    gnq = torch.tensor([1.0, float("nan"), 3.0, float("inf")], dtype=torch.float64)
+    sink.log_step(1, gnq=gnq, weights=torch.ones(4), ledger=ledger, lam=0.01)
+    result = FakeCurvatureResult(1.0, float("nan"), float("nan"), 0.1,
+                                 torch.tensor([1.0, float("nan"), 1.0]), np.zeros(0), "higher",
+                                 "zo")
+    sink.log_curvature(2, result)
+    sink.close()
+    acc = load(tmp_path)
+    assert scalar(acc, "gradguard/gnq/mean") == {1: 2.0}
+    assert scalar(acc, "gradguard/gnq/max") == {1: 3.0}
+    assert scalar(acc, "gradguard/gnq/nonfinite") == {1: 2.0}
+    assert acc.Histograms("gradguard/gnq")[0].histogram_value.num == 2
+    assert "no example seen yet" in text_of(acc, "gradguard/top_disclosing")[0][1]
+    tags = acc.Tags()
+    assert acc.Histograms("gradguard/curvature/members")[0].histogram_value.num == 2
+    assert "gradguard/curvature/nonmembers" not in tags["histograms"]
+    assert "gradguard/curvature/pr" not in tags["tensors"]  # needs both populations

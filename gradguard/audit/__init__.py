@@ -1,0 +1,39 @@
+"""Membership-inference audit: metrics and attack scores (plots: ``gradguard.audit.plots``)."""
+
+from gradguard.audit.attacks import (
+    curvature_attack,
+    curvature_attack_scores,
+    lira_offline,
+    lira_online,
+    logit_confidence,
+    logit_confidence_from_logits,
+    loss_attack_scores,
+    per_example_loss,
+    shadow_masks,
+)
+from gradguard.audit.metrics import (
+    EmpiricalEpsilon,
+    empirical_epsilon,
+    mia_metrics,
+    roc_auc,
+    roc_curve,
+    tpr_at_fpr,
+)
+
+__all__ = [
+    "EmpiricalEpsilon",
+    "curvature_attack",
+    "curvature_attack_scores",
+    "empirical_epsilon",
+    "lira_offline",
+    "lira_online",
+    "logit_confidence",
+    "logit_confidence_from_logits",
+    "loss_attack_scores",
+    "mia_metrics",
+    "per_example_loss",
+    "roc_auc",
+    "roc_curve",
+    "shadow_masks",
+    "tpr_at_fpr",
+]

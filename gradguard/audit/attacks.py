@@ -232,6 +232,7 @@ def curvature_attack(
     generator: torch.Generator | None = None,
     direction: str = "lower",
     batch_size: int | None = None,
+    example_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Curvature attack scores straight from a model.
 
@@ -240,38 +241,35 @@ def curvature_attack(
 
     Args:
         model: the target model.
-        x: inputs ``[N, ...]``.
+        x: inputs ``[N, ...]`` (moved to the model's device).
         y: true labels ``[N]``.
         estimator: ``"zo"``, ``"fd"`` or ``"hutchinson"`` (see DESIGN §3).
         n_vectors: random probe vectors per example.
         h: finite-difference step.
-        loss_fn: passed through to ``input_curvature`` when given.
-        generator: source of the probe vectors; batches draw from it in order.
+        loss_fn: passed through to ``input_curvature`` when given (sum semantics).
+        generator: source of the probe vectors (see ``input_curvature``).
         direction: see :func:`curvature_attack_scores`.
-        batch_size: examples per ``input_curvature`` call; ``None`` = all at once.
+        batch_size: examples scored at a time (``input_curvature``'s ``chunk_size``; the
+            scores do not depend on it); ``None`` = all at once.
+        example_ids: optional dataset indices ``[N]`` keying each example's probe vectors.
 
     Returns:
-        Scores ``[N]`` (higher = member).
+        Scores ``[N]`` (higher = member) on the model's device.
     """
     from gradguard.curvature.estimators import input_curvature
 
     _check_batch_args(x, y, batch_size if batch_size is not None else 1)
-    extra = {} if loss_fn is None else {"loss_fn": loss_fn}
-    step = x.shape[0] if batch_size is None else batch_size
-    curvature = torch.cat(
-        [
-            input_curvature(
-                model,
-                x[start : start + step],
-                y[start : start + step],
-                estimator=estimator,
-                n_vectors=n_vectors,
-                h=h,
-                generator=generator,
-                **extra,
-            )
-            for start in range(0, x.shape[0], max(step, 1))
-        ]
+    device = _model_device(model, x.device)
+    optional = {"loss_fn": loss_fn, "chunk_size": batch_size, "example_ids": example_ids}
+    curvature = input_curvature(
+        model,
+        x.to(device),
+        y.to(device),
+        estimator=estimator,
+        n_vectors=n_vectors,
+        h=h,
+        generator=generator,
+        **{name: value for name, value in optional.items() if value is not None},
     )
     return curvature_attack_scores(curvature, direction=direction)
 
@@ -363,7 +361,8 @@ def shadow_masks(
         ``n``. On the generator's device.
 
     Raises:
-        ValueError: on non-positive sizes. TypeError: on a bad generator.
+        ValueError: on non-positive sizes.
+        TypeError: if ``generator`` is neither a ``torch.Generator`` nor an int.
     """
     for name, value in (("n_examples", n_examples), ("n_shadows", n_shadows)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -11,6 +11,7 @@ everything and leaves the model exactly as before.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -226,6 +227,15 @@ class GramHooks:
             h.remove()
         self._handles.clear()
         self.clear()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Capture nothing inside this block (e.g. for evaluation or probes with grad)."""
+        previous, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = previous
 
     def clear(self) -> None:
         """Forget what was captured (call after each optimizer step)."""
