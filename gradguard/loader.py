@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 __all__ = ["RecordingBatchSampler", "IndexTrackingLoader", "track_indices"]
 
@@ -106,7 +106,9 @@ def track_indices(loader: DataLoader) -> IndexTrackingLoader:
     Raises:
         TypeError: an iterable-style dataset (there are no indices to track).
     """
-    if loader.batch_sampler is None:
+    # An iterable-style dataset with batch_size still has a batch sampler (over an
+    # infinite dummy sampler) that yields no dataset indices.
+    if loader.batch_sampler is None or isinstance(loader.dataset, IterableDataset):
         raise TypeError(
             "gradguard tracks examples by dataset index, which needs a map-style dataset "
             "with a batch sampler; this DataLoader has none (iterable-style dataset or "

@@ -122,8 +122,16 @@ class GuardedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if not self.pre_step():
-            if hasattr(self.original_optimizer, "signal_skip_step") and self._is_last_step_skipped:
-                self.original_optimizer.step()  # DPOptimizer clips and accumulates the micro-batch
+            dp = self.original_optimizer
+            if hasattr(dp, "signal_skip_step") and self._is_last_step_skipped:
+                dp.step()  # DPOptimizer clips and accumulates the micro-batch
+            elif hasattr(dp, "_check_skip_next_step"):
+                # The guard refused a real step (non-finite): DPOptimizer never saw it, so
+                # drop its skip flag for this step (else its queue runs one behind and later
+                # micro-batches step) and the micro-batches it accumulated for it.
+                dp._check_skip_next_step()
+                dp._is_last_step_skipped = False
+                dp.zero_grad(set_to_none=True)
             return loss
         result = self.original_optimizer.step()
         self.guard._after_step(self)
