@@ -10,6 +10,7 @@ probe on its schedule.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -21,6 +22,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from .distributed import (
+    GNQ_MODES,
+    DistributedSync,
+    flatten_per_example,
+    gram_from_rows,
+    resolve_sync,
+    unwrap_ddp,
+)
 from .ledger import BOUND_ASSUMPTIONS, DisclosureLedger
 from .loader import IndexTrackingLoader, track_indices
 from .optimizer import GuardedOptimizer
@@ -37,6 +46,12 @@ class NonFiniteGradientError(FloatingPointError):
     """A step's loss or per-example gradients are NaN or Inf."""
 
 
+def _owns_layout(g: torch.Tensor, p: torch.Tensor) -> bool:
+    """``g`` can become ``p.grad`` as is: p's strides, and a storage of its own."""
+    return (g.stride() == p.stride() and g.storage_offset() == 0
+            and g.untyped_storage().nbytes() == g.numel() * g.element_size())
+
+
 def _is_dp_optimizer(optimizer: Optimizer) -> bool:
     try:
         from opacus.optimizers import DPOptimizer
@@ -49,7 +64,9 @@ class GradGuard:
     """Per-example privacy monitor (and optional censor) for an existing training loop.
 
     Args:
-        policy: ``"monitor"`` (measure only; the update is bit-for-bit unchanged),
+        policy: ``"monitor"`` (measure only; the update is bit-for-bit unchanged, except
+            with virtual steps (``signal_skip_step``) on a plain optimizer, where the
+            logical batch's Σ_j g_j / expected batch size is rebuilt from the captures),
             ``"clip"`` (scale example j by min(1, sqrt(τ/GNQ_j)), iterated until no
             example's effective GNQ exceeds τ) or ``"drop"`` (weight 0 when GNQ_j > τ).
         lam: ridge λ > 0 of GNQ (default 1e-2, the GNQ authors' value), or the factor ρ
@@ -72,6 +89,17 @@ class GradGuard:
         gram_dtype: dtype of layer Grams (default float32; float64 for float64 models).
         top_k: rows of the most-disclosing-examples table.
         num_examples: size of the training set (default: ``len(data_loader.dataset)``).
+        distributed: under ``torch.distributed``, make the ranks agree (one ledger, one
+            policy decision per example, gradients rewritten by a policy averaged across
+            ranks, logs from the first rank only). ``None`` (default): on when the process
+            group has more than one rank and the model is DDP-wrapped (or the optimizer is
+            Opacus's distributed DPOptimizer); ``True`` for wrappers gradguard does not see
+            (Lightning, HF Trainer); ``False``: each rank on its own.
+        distributed_gnq: ``"local"`` (GNQ over each rank's batch: an upper bound of the
+            global-batch GNQ, since more examples only lower it) or ``"global"`` (exact
+            global-batch GNQ by all-gathering per-example gradients: B_global × P memory
+            per rank). See :mod:`gradguard.distributed`.
+        process_group: the ``torch.distributed`` group to agree within (default: world).
 
     Example:
         >>> import torch, gradguard as gg
@@ -95,7 +123,8 @@ class GradGuard:
                  log_dir: str | None = None, log_every: int = 10, curvature=None,
                  on_nonfinite: str = "raise", strategy: str = "auto",
                  gram_dtype: torch.dtype | None = None, top_k: int = 10,
-                 num_examples: int | None = None):
+                 num_examples: int | None = None, distributed: bool | None = None,
+                 distributed_gnq: str = "local", process_group=None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         resolve_lam(torch.zeros(1, 1), lam)  # validates lam
@@ -118,6 +147,9 @@ class GradGuard:
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
+        if distributed_gnq not in GNQ_MODES:
+            raise ValueError(f"distributed_gnq must be one of {GNQ_MODES} (GNQ over each rank's "
+                             f"batch, or exact over the global batch), got {distributed_gnq!r}")
         self.policy = policy
         self.lam = float(lam)
         self.relative_lam = relative_lam
@@ -131,6 +163,9 @@ class GradGuard:
         self.gram_dtype = gram_dtype
         self.top_k = top_k
         self.num_examples = num_examples
+        self.distributed = distributed
+        self.distributed_gnq = distributed_gnq
+        self.process_group = process_group
 
         self.ledger: DisclosureLedger | None = None
         self.module: nn.Module | None = None
@@ -152,6 +187,7 @@ class GradGuard:
         self._manual_indices: torch.Tensor | None = None
         self._dp = False
         self._stash: list[torch.Tensor] = []
+        self._dist: DistributedSync | None = None  # set by make_guarded under DDP
         self._closed = False
 
     # ------------------------------------------------------------------ wiring
@@ -186,7 +222,7 @@ class GradGuard:
         if self._dp:
             self._check_opacus(optimizer, loss_reduction)
         else:
-            self.hooks = GramHooks(module, loss_reduction=loss_reduction,
+            self.hooks = GramHooks(unwrap_ddp(module), loss_reduction=loss_reduction,
                                    batch_first=batch_first, strategy=self.strategy,
                                    gram_dtype=self.gram_dtype, params=params)
         self.loss_reduction = loss_reduction
@@ -200,7 +236,10 @@ class GradGuard:
                 self.num_examples = len(data_loader.dataset)
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         self.ledger = DisclosureLedger(self.num_examples, device=device)
-        if self.log_dir is not None:
+        self._dist = resolve_sync(module=module, optimizer=optimizer, enabled=self.distributed,
+                                  gnq_mode=self.distributed_gnq, group=self.process_group,
+                                  device=device)
+        if self.log_dir is not None and (self._dist is None or self._dist.is_main):
             from .tensorboard import TensorBoardSink
 
             self.sink = TensorBoardSink(self.log_dir, top_k=self.top_k)
@@ -209,6 +248,7 @@ class GradGuard:
             self.sink.log_text("config", f"policy={self.policy}; {lam_text}; threshold="
                                f"{self.threshold}; budget={self.budget}; "
                                f"loss_reduction={loss_reduction}. {BOUND_ASSUMPTIONS}", 0)
+        self._run_probe()  # the step-0 baseline, before any update
         return module, self.optimizer, (self.loader if self.loader is not None else data_loader)
 
     @staticmethod
@@ -217,7 +257,7 @@ class GradGuard:
             raise ValueError(
                 f"loss_reduction={loss_reduction!r} contradicts the Opacus optimizer's "
                 f"loss_reduction={optimizer.loss_reduction!r}; pass the same value to both.")
-        if not hasattr(optimizer, "grad_samples") or type(optimizer).__name__.endswith(
+        if not hasattr(type(optimizer), "grad_samples") or type(optimizer).__name__.endswith(
                 "FastGradientClipping"):
             raise ValueError(
                 "gradguard reads Opacus's per-example gradients (grad_sample), which ghost "
@@ -262,7 +302,8 @@ class GradGuard:
             if isinstance(gs, list):  # opacus keeps a list when a module ran twice
                 gs = torch.stack(gs).sum(0)
             if gs is not None:
-                rows.append(gs.reshape(gs.shape[0], -1).to(torch.float64))
+                # explicit width: reshape(0, -1) is ambiguous for an empty (Poisson) batch
+                rows.append(gs.reshape(gs.shape[0], math.prod(gs.shape[1:])).to(torch.float64))
         return torch.cat(rows, 1) if rows else torch.zeros(0, 0, dtype=torch.float64)
 
     def _indices_for(self, batch: int, device) -> torch.Tensor:
@@ -281,7 +322,16 @@ class GradGuard:
         if self._dp:
             G = torch.cat([*self._stash, self._opacus_rows(optimizer.original_optimizer)])
             self._stash.clear()
+            if self._dist is not None:
+                self._dist.keep_rows(G)
             return G @ G.T
+        if self._dist is not None and self._dist.gnq_mode == "global":
+            # Exact global-batch GNQ needs the rows themselves, not just this rank's Gram.
+            params = [p for p in self.hooks._all_params() if self.hooks._guarded(p)]
+            rows, spans = flatten_per_example(self.hooks.per_example_grads(), params,
+                                              self.hooks.batch_size)
+            self._dist.keep_rows(rows, spans)
+            return gram_from_rows(rows, spans, self.hooks.gram_dtype)
         return self.hooks.gram()
 
     def _thresholds(self, gnq: torch.Tensor, indices: torch.Tensor):
@@ -304,7 +354,10 @@ class GradGuard:
 
     def _nonfinite(self, K: torch.Tensor, indices: torch.Tensor) -> bool:
         finite = torch.isfinite(torch.diagonal(K))
-        if bool(finite.all()) and bool(torch.isfinite(K).all()):
+        ok = bool(finite.all()) and bool(torch.isfinite(K).all())
+        if self._dist is not None:
+            ok = self._dist.agree(ok)  # every rank skips (or raises) together
+        if ok:
             return False
         bad = indices[~finite].tolist()[:20]
         if self.on_nonfinite == "skip":
@@ -329,7 +382,7 @@ class GradGuard:
         B = K.shape[0]
         device = self.ledger.device
         indices = self._indices_for(B, device)
-        if B == 0:
+        if B == 0 and self._dist is None:  # under DDP the other ranks still need this one
             grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all())
                                for p in optimizer.params)
             if not grads_finite:
@@ -337,7 +390,12 @@ class GradGuard:
                     self.skipped_nonfinite += 1
                     optimizer.original_optimizer.zero_grad(set_to_none=True)
                     return False
-                self._nonfinite(torch.full((0, 0), math.nan), indices)
+                # (a 0×0 Gram cannot show it, so _nonfinite would wave it through)
+                raise NonFiniteGradientError(
+                    f"step {self.step + 1}: the batch was empty but the gradients are NaN/Inf "
+                    "(a term divided by the batch size is 0/0 on an empty batch; Poisson "
+                    "sampling draws empty batches). Skip empty batches in the loop, use "
+                    "loss_reduction='sum' semantics, or pass on_nonfinite='skip' to GradGuard.")
             if self.policy != "monitor":
                 self._apply_weights(optimizer, torch.zeros(0, dtype=torch.float64, device=device))
             self.step += 1
@@ -346,18 +404,37 @@ class GradGuard:
             optimizer.original_optimizer.zero_grad(set_to_none=True)
             self._clear_step()
             return False
+        # own: this rank's examples in the global batch; rows: those K (hence the policy)
+        # covers. From here on gnq, indices, weights span the global batch on every rank.
+        own = rows = slice(None)
+        if self._dist is not None:
+            K, indices, own, rows = self._dist.share_batch(K, indices, gram_dtype=(
+                self.hooks.gram_dtype if self.hooks is not None else torch.float64))
         lam = resolve_lam(K, self.lam, relative=self.relative_lam)
         gnq = gnq_from_gram(K, lam)
+        if self._dist is not None:
+            gnq = self._dist.share_rows(gnq, rows)
         blocked = self.ledger.is_censored(indices) if self.policy != "monitor" else None
         if self.policy == "monitor":
             weights, effective = torch.ones_like(gnq), gnq
+            if not self._dp and optimizer.accumulated_iterations > 1:
+                # Virtual steps: the loop's zero_grad() cleared .grad between micro-batches,
+                # so rebuild the logical batch's mean gradient from the captures.
+                self._apply_weights(optimizer, weights[own])
         else:
             tau, exhausted = self._thresholds(gnq, indices)
             if exhausted is not None:
                 self.ledger.censor(indices, where=exhausted)
                 blocked = blocked | exhausted
-            weights, effective = policy_weights(self.policy, K, gnq, lam, tau=tau, blocked=blocked)
-            self._apply_weights(optimizer, weights)
+            blocked = blocked[rows]
+            if blocked.device.type == "cpu" and not bool(blocked.any()):
+                blocked = None  # nothing censored: spares policy_weights a B³ re-solve
+            weights, effective = policy_weights(self.policy, K, gnq[rows], lam, tau=tau[rows],
+                                                blocked=blocked)
+            if self._dist is not None:
+                weights = self._dist.share_rows(weights, rows)
+                effective = self._dist.share_rows(effective, rows)
+            self._apply_weights(optimizer, weights[own])
             self._dropped_total = self._dropped_total + (weights == 0).sum()
             self._clipped_total = self._clipped_total + ((weights > 0) & (weights < 1)).sum()
         self.step += 1
@@ -385,9 +462,12 @@ class GradGuard:
             return
         denom = 1.0
         if self.loss_reduction == "mean":
-            expected = optimizer.expected_batch_size or max(1, weights.shape[0])
-            denom = expected * optimizer.accumulated_iterations
-        new = self.hooks.weighted_grads(weights) if weights.shape[0] else {}
+            # The captures already span the whole logical batch (virtual steps included)
+            # and each example's gradient is its own loss's, so the mean is over the
+            # expected logical batch size alone, as DPOptimizer's clipped sum is.
+            denom = optimizer.expected_batch_size or max(1, weights.shape[0])
+        # 1/denom goes into the B weights, not over every gradient entry.
+        new = self.hooks.weighted_grads(weights / denom) if weights.shape[0] else {}
         for p in self.hooks._all_params():
             if not self.hooks._guarded(p):
                 continue
@@ -396,7 +476,13 @@ class GradGuard:
                 if p.grad is not None:
                     p.grad.zero_()
                 continue
-            p.grad = g / denom
+            # In the parameter's own layout (einsum results may be transposed): what
+            # autograd would have produced, so later accumulation keeps its fast path.
+            p.grad = g if _owns_layout(g, p) else torch.empty_like(p).copy_(g)
+        if self._dist is not None:
+            # DDP averaged the gradients during backward, before this rewrite.
+            self._dist.average_gradients(p for p in self.hooks._all_params()
+                                         if self.hooks._guarded(p))
 
     def _log_step(self) -> None:
         stats = {"dropped_total": self._dropped_total, "clipped_total": self._clipped_total}
@@ -408,9 +494,16 @@ class GradGuard:
 
     def _after_step(self, optimizer: GuardedOptimizer) -> None:
         self._clear_step()
+        self._run_probe()
+
+    def _run_probe(self) -> None:
         if self.curvature is None:
             return
-        result = self.curvature.maybe_run(self.step, self.module)
+        # The probe's own forward and backward passes are not training steps.
+        with self.hooks.paused() if self.hooks is not None else contextlib.nullcontext():
+            # Not through DDP: probe passes are not training passes (no buffer broadcasts,
+            # no gradient-sync bookkeeping for a backward that never reaches the parameters).
+            result = self.curvature.maybe_run(self.step, unwrap_ddp(self.module))
         if result is None:
             return
         self.probe_seconds += result.seconds

@@ -348,3 +348,20 @@ def test_bad_arguments():
         GramHooks(nn.Linear(2, 2), loss_reduction="avg")
     with pytest.raises(ValueError, match="strategy must be one of"):
         GramHooks(nn.Linear(2, 2), strategy="fast")
+
+
+def test_input_broadcast_over_the_batch_is_refused():
+    class PositionalModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(10, 4)
+            self.pos = nn.Embedding(6, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, ids):
+            positions = torch.arange(ids.shape[1]).unsqueeze(0)  # [1, T], broadcast over B
+            return self.head((self.tok(ids) + self.pos(positions)).mean(1))
+
+    with pytest.raises(UnsupportedLayerError, match=r"'pos'.*leading dimension 1.*\[B, T\]"):
+        per_example_gnq(PositionalModel(), ce_sum, torch.randint(0, 10, (3, 5)),
+                        torch.randint(0, 3, (3,)))

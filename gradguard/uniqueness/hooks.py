@@ -22,7 +22,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .gnq import gnq_from_gram
-from .kernels import LayerCall, LayerKernel, _gram_of, kernel_for
+from .kernels import (
+    FunctionalKernel,
+    LayerCall,
+    LayerKernel,
+    MultiheadAttentionKernel,
+    _gram_of,
+    kernel_for,
+)
 
 __all__ = ["GramHooks", "per_example_gnq", "UnsupportedLayerError"]
 
@@ -44,8 +51,23 @@ class _Owner:
     params: list[nn.Parameter]
 
 
+def _map_tensors(fn, x):
+    """``fn`` on every tensor in ``x``: plain tuples, lists and dicts without pytree
+    (these hooks run for every layer on every step, and tree_map's bookkeeping costs
+    more than the detaching itself); anything else through tree_map."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if type(x) in (tuple, list):
+        return type(x)(_map_tensors(fn, v) for v in x)
+    if type(x) is dict:
+        return {k: _map_tensors(fn, v) for k, v in x.items()}
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) else t, x)
+
+
 def _detach(x):
-    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, x)
+    return _map_tensors(torch.Tensor.detach, x)
 
 
 def _functorch_wrapped(t) -> bool:
@@ -118,6 +140,8 @@ class GramHooks:
         self._calls: dict[int, list[tuple[int, LayerCall]]] = defaultdict(list)
         self._forward_batch: dict[int, int] = {}
         self._forward_id = 0
+        self._collected: tuple[int, dict[int, list[LayerCall]]] | None = None
+        self._scale = 1  # loss-reduction scale still to apply to results (see _collect)
         self._received: set[int] = set()
         self._paused = False
         self._attach()
@@ -198,6 +222,9 @@ class GramHooks:
             if batch is None:  # called outside the root's forward: trust the layer's input
                 x = _first_tensor(args, kwargs)
                 batch = x.shape[0] if x is not None and x.dim() > 0 else 1
+            elif not isinstance(self._owners[idx].kernel,
+                                (FunctionalKernel, MultiheadAttentionKernel)):
+                self._check_batch_first(idx, args, batch)
             call = LayerCall(args=_detach(args), kwargs=_detach(kwargs),
                              backprops=[None] * len(outs), offset=0, batch_size=batch,
                              out_template=_detach(output))
@@ -206,14 +233,33 @@ class GramHooks:
                 if isinstance(o, torch.Tensor) and o.requires_grad:
                     o.register_hook(self._make_backprop_hook(call, k, scale))
             self._calls[idx].append((fid, call))
+            self._collected = None
         return hook
 
-    @staticmethod
-    def _make_backprop_hook(call: LayerCall, k: int, scale: int):
+    def _check_batch_first(self, idx: int, args: tuple, batch: int) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is None or x.dim() == 0 or x.shape[0] == batch:
+            return
+        owner = self._owners[idx]
+        raise UnsupportedLayerError(
+            f"layer '{owner.path}' ({type(owner.module).__name__}) got an input with leading "
+            f"dimension {x.shape[0]}, but the batch has {batch} examples. Either its input is "
+            "shared across the batch and broadcast later (e.g. Hugging Face position_ids of "
+            "shape [1, T]: pass them expanded to [B, T]), so its gradient arrives already "
+            "summed over examples; or the layer is not batch-first (gradguard needs "
+            "batch-first layers; nn.MultiheadAttention with batch_first=False is handled)."
+        )
+
+    def _make_backprop_hook(self, call: LayerCall, k: int, scale: int):
         def hook(grad):
-            g = grad.detach() * scale if scale != 1 else grad.detach()
+            # Stored unscaled: multiplying every output gradient by the batch size costs a
+            # full copy per layer; _collect folds the scale into the results instead.
+            g = grad.detach()
             prev = call.backprops[k]
             call.backprops[k] = g if prev is None else prev + g
+            call.extra.clear()  # kernels' caches were built from the old Δ
+            call.extra["backprop_scale"] = scale
+            self._collected = None
         return hook
 
     def _mark_received(self, p: torch.Tensor) -> None:
@@ -242,9 +288,19 @@ class GramHooks:
         self._calls.clear()
         self._forward_batch.clear()
         self._received.clear()
+        self._collected = None
 
     def _collect(self) -> tuple[int, dict[int, list[LayerCall]]]:
-        """Calls that took part in a backward pass, placed in the logical batch."""
+        """Calls that took part in a backward pass, placed in the logical batch.
+
+        Computed once per step (``gram`` and ``weighted_grads`` share it). Output
+        gradients are kept unscaled; when every call shares one loss-reduction scale s
+        (one forward, or equal micro-batches) it is applied to the results (K·s², g·s),
+        otherwise each call's Δ is multiplied by its own scale here. Kernels are linear
+        in the backprops, so both give the same numbers.
+        """
+        if self._collected is not None:
+            return self._collected
         with_grad = sorted({fid for calls in self._calls.values() for fid, c in calls
                             if any(b is not None for b in c.backprops)})
         offsets, total = {}, 0
@@ -260,14 +316,24 @@ class GramHooks:
                 if fid not in offsets or all(b is None for b in c.backprops):
                     continue
                 c.offset = offsets[fid]
-                c.args, c.kwargs, c.backprops = tree_map(
-                    lambda t: _promote(t, promote), (c.args, c.kwargs, c.backprops))
-                c.out_template = tree_map(lambda t: _promote(t, promote), c.out_template)
+                c.args, c.kwargs, c.backprops, c.out_template = _map_tensors(
+                    lambda t: _promote(t, promote),
+                    (c.args, c.kwargs, c.backprops, c.out_template))
                 kept.append(c)
             if kept:
                 result[idx] = kept
         self._check_coverage(result)
-        return total, result
+        scales = {c.extra.get("backprop_scale", 1) for kept in result.values() for c in kept}
+        self._scale = scales.pop() if len(scales) == 1 else 1
+        if scales:  # micro-batches of different sizes: scale each call's Δ itself
+            for kept in result.values():
+                for c in kept:
+                    s = c.extra.pop("backprop_scale", 1)
+                    c.extra.clear()
+                    if s != 1:
+                        c.backprops = [None if b is None else b * s for b in c.backprops]
+        self._collected = (total, result)
+        return self._collected
 
     def _check_coverage(self, calls: dict[int, list[LayerCall]]) -> None:
         for idx, owner in enumerate(self._owners):
@@ -357,6 +423,8 @@ class GramHooks:
                 K += _gram_of([g], batch, self.gram_dtype)
         finally:
             self._paused = False
+        if self._scale != 1:
+            K *= float(self._scale) ** 2
         return K
 
     def per_example_grads(self) -> dict[nn.Parameter, torch.Tensor]:
@@ -379,6 +447,8 @@ class GramHooks:
                     out[p] = g if p not in out else out[p] + g
         finally:
             self._paused = False
+        if self._scale != 1:
+            out = {p: g * self._scale for p, g in out.items()}
         return out
 
     def weighted_grads(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
@@ -392,6 +462,8 @@ class GramHooks:
             raise ValueError(f"weights must have shape ({batch},), got {tuple(weights.shape)}")
         out: dict[nn.Parameter, torch.Tensor] = {}
         solo, tied = self._plan(calls)
+        if self._scale != 1:
+            weights = weights * self._scale
         self._paused = True
         try:
             jobs = [(idx, names) for idx, names in solo.items() if names]

@@ -33,6 +33,7 @@ __all__ = [
     "LinearKernel",
     "ConvKernel",
     "EmbeddingKernel",
+    "MultiheadAttentionKernel",
     "FunctionalKernel",
     "GradSamplerKernel",
     "register_kernel",
@@ -52,13 +53,16 @@ class LayerCall:
     Attributes:
         args: the positional inputs of the call (detached).
         kwargs: the keyword inputs of the call (detached).
-        backprops: gradients of the loss w.r.t. the call's flattened tensor outputs,
-            already multiplied by the batch size under ``loss_reduction="mean"``;
-            ``None`` for an output that did not reach the loss.
+        backprops: gradients of the loss w.r.t. the call's flattened tensor outputs;
+            ``None`` for an output that did not reach the loss. Under
+            ``loss_reduction="mean"`` the hooks may hand them over unscaled and multiply
+            the kernel's results by the batch size instead (one scale for the whole
+            step), so a kernel must be linear in them, as every gradient is.
         offset: position of this call's first example in the step's logical batch
             (micro-batches of a virtual step follow each other).
         batch_size: examples in this call.
         out_template: the call's outputs (detached), to rebuild shapes.
+        extra: per-step scratch space (kernels cache derived tensors here).
     """
 
     args: tuple
@@ -138,6 +142,8 @@ def _seg_gram(s1: _Segment, s2: _Segment) -> torch.Tensor:
     """Σ_{t,u,g} (a_it·a_ju)(δ_it·δ_ju) between two segments: a [B1, B2] block."""
     B1, T1, Gr = s1.A.shape[:3]
     B2, T2 = s2.A.shape[:2]
+    if T1 == 1 and T2 == 1 and Gr == 1:  # a plain Linear on vectors: two matmuls
+        return (s1.A[:, 0, 0] @ s2.A[:, 0, 0].T).mul_(s1.D[:, 0, 0] @ s2.D[:, 0, 0].T)
     if T1 == 1 and T2 == 1:
         AA = torch.einsum("igd,jgd->gij", s1.A[:, 0], s2.A[:, 0])
         DD = torch.einsum("igd,jgd->gij", s1.D[:, 0], s2.D[:, 0])
@@ -153,6 +159,8 @@ def _seg_gram(s1: _Segment, s2: _Segment) -> torch.Tensor:
 
 
 def _segments_gram(segs: Sequence[_Segment], batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    if len(segs) == 1 and segs[0].A.shape[0] == batch_size:
+        return _seg_gram(segs[0], segs[0]).to(dtype)
     K = torch.zeros(batch_size, batch_size, dtype=dtype, device=segs[0].A.device)
     for i, s1 in enumerate(segs):
         for s2 in segs[i:]:
@@ -168,6 +176,8 @@ def _segments_gram(segs: Sequence[_Segment], batch_size: int, dtype: torch.dtype
 def _segments_weight_grads(segs: Sequence[_Segment], batch_size: int) -> torch.Tensor:
     """Per-example Δᵀ A: [B, Gr, d_out, d_in]."""
     s0 = segs[0]
+    if len(segs) == 1 and s0.A.shape[0] == batch_size:  # one call: no zero-filled buffer
+        return torch.einsum("btgo,btgi->bgoi", s0.D, s0.A)
     G = s0.A.new_zeros(batch_size, s0.A.shape[2], s0.D.shape[3], s0.A.shape[3])
     for s in segs:
         G[s.offset:s.offset + s.A.shape[0]] += torch.einsum("btgo,btgi->bgoi", s.D, s.A)
@@ -177,6 +187,8 @@ def _segments_weight_grads(segs: Sequence[_Segment], batch_size: int) -> torch.T
 def _segments_bias_grads(segs: Sequence[_Segment], batch_size: int) -> torch.Tensor:
     """Per-example Σ_t Δ: [B, Gr, d_out]."""
     s0 = segs[0]
+    if len(segs) == 1 and s0.D.shape[0] == batch_size:
+        return s0.D.sum(1)
     b = s0.D.new_zeros(batch_size, s0.D.shape[2], s0.D.shape[3])
     for s in segs:
         b[s.offset:s.offset + s.D.shape[0]] += s.D.sum(1)
@@ -188,7 +200,8 @@ def _segments_weighted_weight_grad(segs: Sequence[_Segment], w: torch.Tensor) ->
     total = None
     for s in segs:
         ws = w[s.offset:s.offset + s.A.shape[0]].to(s.D.dtype)
-        part = torch.einsum("b,btgo,btgi->goi", ws, s.D, s.A)
+        # Scale the rows first: a three-operand einsum contracts b last and is ~2× slower.
+        part = torch.einsum("btgo,btgi->goi", s.D * ws.view(-1, 1, 1, 1), s.A)
         total = part if total is None else total + part
     return total
 
@@ -212,11 +225,26 @@ class _AffineKernel(LayerKernel):
     def segments(self, module: nn.Module, calls: Sequence[LayerCall]) -> list[_Segment]:
         raise NotImplementedError
 
+    def _segs(self, module: nn.Module, calls: Sequence[LayerCall]) -> list[_Segment]:
+        """``segments`` built once per call and step (gram, then weighted_grads reuse them)."""
+        out = []
+        for c in calls:
+            seg = c.extra.get("affine_segment")
+            if seg is None:
+                seg = self.segments(module, [c])[0]
+                c.extra["affine_segment"] = seg
+            out.append(seg)
+        return out
+
+    def shapes(self, module: nn.Module, calls: Sequence[LayerCall]) -> list[tuple[int, ...]]:
+        """Per call (B, T, groups, d_in, d_out), for the cost model."""
+        return [(*s.A.shape[:3], s.A.shape[3], s.D.shape[3]) for s in self._segs(module, calls)]
+
     def weight_shape(self, module: nn.Module) -> torch.Size:
         return module.weight.shape
 
     def per_example_grads(self, module, calls, batch_size, names):
-        segs = self.segments(module, calls)
+        segs = self._segs(module, calls)
         out = {}
         if "weight" in names:
             out["weight"] = _segments_weight_grads(segs, batch_size).reshape(
@@ -226,7 +254,7 @@ class _AffineKernel(LayerKernel):
         return out
 
     def gram(self, module, calls, batch_size, names, dtype):
-        segs = self.segments(module, calls)
+        segs = self._segs(module, calls)
         K = torch.zeros(batch_size, batch_size, dtype=dtype, device=segs[0].A.device)
         if "weight" in names:
             K += _segments_gram(segs, batch_size, dtype)
@@ -236,7 +264,7 @@ class _AffineKernel(LayerKernel):
         return K
 
     def weighted_grads(self, module, calls, weights, names):
-        segs = self.segments(module, calls)
+        segs = self._segs(module, calls)
         out = {}
         if "weight" in names:
             out["weight"] = _segments_weighted_weight_grad(segs, weights).reshape(
@@ -246,14 +274,14 @@ class _AffineKernel(LayerKernel):
         return out
 
     def costs(self, module, calls, batch_size, names):
-        segs = self.segments(module, calls)
-        s = segs[0]
-        Gr, di, do = s.A.shape[2], s.A.shape[3], s.D.shape[3]
-        T = sum(seg.A.shape[1] for seg in segs) / max(1, len(segs)) * len(segs)
+        shapes = self.shapes(module, calls)
+        _, _, Gr, di, do = shapes[0]
+        T = sum(sh[1] for sh in shapes)
         ghost = batch_size * batch_size * T * T * Gr * (di + do)
-        if all(seg.A.shape[1] == 1 for seg in segs):
-            ghost = batch_size * batch_size * Gr * (di + do) * len(segs) ** 2
-        materialise = _seg_rows(segs) * Gr * di * do + batch_size * batch_size * Gr * di * do
+        if all(sh[1] == 1 for sh in shapes):
+            ghost = batch_size * batch_size * Gr * (di + do) * len(shapes) ** 2
+        rows = sum(sh[0] * sh[1] for sh in shapes)
+        materialise = rows * Gr * di * do + batch_size * batch_size * Gr * di * do
         return float(ghost), float(materialise)
 
 
@@ -314,6 +342,12 @@ def unfold_conv_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     x = _conv_pad(module, x)
     nd = x.dim() - 2
+    if nd == 2:
+        # im2col is one fast kernel; its rows are (channel, k_1, k_2), the weight's layout,
+        # so the permute below is a view and nothing is copied twice.
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        B, rows, L = cols.shape
+        return cols.view(B, module.groups, rows // module.groups, L).permute(0, 3, 1, 2)
     for i in range(nd):
         dim = 2 + i
         span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
@@ -347,6 +381,69 @@ class ConvKernel(_AffineKernel):
             segs.append(_Segment(A, D, c.offset))
         return segs
 
+    def shapes(self, module, calls):
+        # From shapes alone: unfolding only to price the routes costs as much as a route.
+        G = module.groups
+        d_in = module.in_channels // G * math.prod(module.kernel_size)
+        out = []
+        for c in calls:
+            positions = tree_flatten(c.out_template)[0][0].shape[2:]
+            out.append((c.activation.shape[0], math.prod(positions), G, d_in,
+                        module.out_channels // G))
+        return out
+
+    def per_example_grads(self, module, calls, batch_size, names):
+        # With the batch folded into the groups, the conv's own weight-backward kernel
+        # gives every example's gradient at once: no unfolded copy of the input (which is
+        # k^d times larger) and about 2× faster than unfold + bmm on CPU.
+        out: dict[str, torch.Tensor] = {}
+        for c in calls:
+            x = _conv_pad(module, c.activation)
+            D = c.backprop
+            B, nd = x.shape[0], x.dim() - 2
+            parts = {}
+            if "weight" in names:
+                shape = module.weight.shape
+                template = D.new_empty(1).expand(B * shape[0], *shape[1:])
+                parts["weight"] = torch.ops.aten.convolution_backward(
+                    D.reshape(1, B * shape[0], *D.shape[2:]),
+                    x.to(D.dtype).reshape(1, B * x.shape[1], *x.shape[2:]), template, None,
+                    list(module.stride), [0] * nd, list(module.dilation), False, [0] * nd,
+                    B * module.groups, [False, True, False])[1].view(B, *shape)
+            if "bias" in names:
+                parts["bias"] = D.sum(dim=list(range(2, D.dim())))
+            for n, g in parts.items():
+                if len(calls) == 1 and batch_size == B:
+                    out[n] = g
+                    continue
+                if n not in out:
+                    out[n] = g.new_zeros(batch_size, *g.shape[1:])
+                out[n][c.offset:c.offset + B] += g
+        return out
+
+    def weighted_grads(self, module, calls, weights, names):
+        # Σ_j w_j g_j is the weight gradient of the reweighted output gradients: the conv's
+        # own backward kernel does it without unfolding the input.
+        out: dict[str, torch.Tensor] = {}
+        for c in calls:
+            x = _conv_pad(module, c.activation)
+            nd = x.dim() - 2
+            D = c.backprop
+            w = weights[c.offset:c.offset + x.shape[0]].to(D.dtype)
+            D = D * w.view(-1, *([1] * (D.dim() - 1)))
+            parts = {}
+            if "weight" in names:
+                template = D.new_empty(1).expand(module.weight.shape)
+                parts["weight"] = torch.ops.aten.convolution_backward(
+                    D, x.to(D.dtype), template, None, list(module.stride), [0] * nd,
+                    list(module.dilation), False, [0] * nd, module.groups,
+                    [False, True, False])[1]
+            if "bias" in names:
+                parts["bias"] = D.sum(dim=[0, *range(2, D.dim())])
+            for n, g in parts.items():
+                out[n] = g if n not in out else out[n] + g
+        return out
+
 
 class EmbeddingKernel(LayerKernel):
     """``nn.Embedding``: K_ij = Σ_{t,s} [id_it = id_js] (δ_it·δ_js).
@@ -373,10 +470,13 @@ class EmbeddingKernel(LayerKernel):
     def per_example_grads(self, module, calls, batch_size, names):
         if "weight" not in names:
             return {}
+        V = module.weight.shape[0]
         G = module.weight.new_zeros(batch_size, *module.weight.shape)
+        flat = G.view(batch_size * V, -1)
         for ids, D, off in self._segments(module, calls):
-            for i in range(ids.shape[0]):
-                G[off + i].index_add_(0, ids[i], D[i].to(G.dtype))
+            # One scatter for the whole call: row (example, token id) of the [B·V, E] view.
+            rows = torch.arange(off, off + ids.shape[0], device=ids.device)[:, None] * V + ids
+            flat.index_add_(0, rows.reshape(-1), D.reshape(-1, D.shape[-1]).to(G.dtype))
         return {"weight": G}
 
     def gram(self, module, calls, batch_size, names, dtype):
@@ -384,6 +484,12 @@ class EmbeddingKernel(LayerKernel):
         K = torch.zeros(batch_size, batch_size, dtype=dtype, device=segs[0][1].device)
         if "weight" not in names:
             return K
+        if K.device.type == "cpu":
+            ex = torch.cat([(off + torch.arange(ids.shape[0]))[:, None].expand_as(ids).reshape(-1)
+                            for ids, _, off in segs])
+            ids = torch.cat([ids.reshape(-1) for ids, _, _ in segs])
+            D = torch.cat([D.reshape(-1, D.shape[-1]) for _, D, _ in segs])
+            return _embedding_gram_grouped(ex, ids, D, batch_size, dtype)
         for a, (ids1, D1, o1) in enumerate(segs):
             for ids2, D2, o2 in segs[a:]:
                 B1, T1 = ids1.shape
@@ -413,8 +519,54 @@ class EmbeddingKernel(LayerKernel):
     def costs(self, module, calls, batch_size, names):
         T = sum(c.activation.reshape(c.batch_size, -1).shape[1] for c in calls)
         ghost = batch_size * batch_size * T * T * module.embedding_dim
+        if module.weight.device.type == "cpu":
+            # Grouped by token id: Σ_v n_v² E ≤ B·N·E for N tokens (n_v ≤ B examples per id),
+            # padded to powers of two (≤ 2×).
+            ghost = 2 * batch_size * batch_size * T * module.embedding_dim
         materialise = batch_size * module.weight.numel() * (1 + batch_size)
         return float(ghost), float(materialise)
+
+
+def _embedding_gram_grouped(ex: torch.Tensor, ids: torch.Tensor, D: torch.Tensor,
+                            batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Exact embedding Gram K = Σ_v S_v S_vᵀ, S_v [B, E] the per-example gradient rows of id v.
+
+    Only examples that contain token v have a non-zero row in S_v, so after summing
+    each example's tokens per id (rows keyed (id, example)), K is a sum of small
+    n_v × n_v blocks over the ids present: Σ_v n_v²·E work instead of B²·V·E (dense
+    per-example gradients) or B²·T²·E (all token pairs). Ids are grouped in buckets of
+    power-of-two size so that each bucket is one batched matmul. Reads group sizes on
+    the host (one sync), hence used on CPU only.
+
+    Args:
+        ex: ``[N]`` example index of every token (position in the logical batch).
+        ids: ``[N]`` token ids.
+        D: ``[N, E]`` output gradients of the tokens (zero for padding tokens).
+    """
+    B, E = batch_size, D.shape[1]
+    keys, inv = torch.unique(ids.to(torch.int64) * B + ex, return_inverse=True)  # id-major
+    rows = D.new_zeros(keys.shape[0], E).index_add_(0, inv, D)
+    row_ex = keys % B
+    _, counts = torch.unique_consecutive(keys // B, return_counts=True)
+    group = torch.repeat_interleave(torch.arange(counts.shape[0]), counts)
+    pos = torch.arange(keys.shape[0]) - (torch.cumsum(counts, 0) - counts)[group]
+    bucket = torch.ceil(torch.log2(counts.to(torch.float64))).to(torch.int64)
+    K = torch.zeros(B, B, dtype=dtype)
+    for b in torch.unique(bucket).tolist():
+        n = 1 << b
+        in_bucket = bucket == b
+        slot = torch.cumsum(in_bucket, 0) - 1  # group → its index inside the bucket
+        sel = in_bucket[group]
+        g, p = slot[group[sel]], pos[sel]
+        P = rows.new_zeros(int(in_bucket.sum()), n, E)
+        P[g, p] = rows[sel]
+        X = torch.zeros(P.shape[0], n, dtype=torch.int64)  # empty slots: zero rows, any index
+        X[g, p] = row_ex[sel]
+        blocks = torch.bmm(P, P.transpose(1, 2)).to(dtype)
+        K.index_put_((X[:, :, None].expand(-1, n, n).reshape(-1),
+                      X[:, None, :].expand(-1, n, n).reshape(-1)), blocks.reshape(-1),
+                     accumulate=True)
+    return K
 
 
 class GradSamplerKernel(LayerKernel):
@@ -549,13 +701,217 @@ def _mha_batch_dims(module: nn.MultiheadAttention, call: LayerCall):
     return arg_dims, kw_dims, out_dims
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Views of the same memory with the same layout (detach() makes distinct objects)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")
+
+
+def _mha_attention(module: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, a: dict) -> torch.Tensor:
+    """The attention core of ``F.multi_head_attention_forward`` on projected, batch-first
+    q [B, T, d], k, v [B, S, d], with its mask semantics; returns [B, T, d] (pre out_proj)."""
+    B, T, d = q.shape
+    S, h = k.shape[1], module.num_heads
+    attn_mask, is_causal = a.get("attn_mask"), bool(a.get("is_causal", False))
+    kpm = F._canonical_mask(mask=a.get("key_padding_mask"), mask_name="key_padding_mask",
+                            other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                            target_type=q.dtype)
+    if is_causal and kpm is None and not a.get("need_weights", True):
+        attn_mask = None
+    else:
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
+                                      other_name="", target_type=q.dtype, check_other=False)
+        is_causal = is_causal and kpm is None and attn_mask is None
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.view(1, 1, T, S) if attn_mask.dim() == 2 else attn_mask.view(B, h, T, S)
+    if kpm is not None:
+        kpm = kpm.view(B, 1, 1, S)
+        mask = kpm if mask is None else mask + kpm
+    heads = [t.view(B, t.shape[1], h, d // h).transpose(1, 2) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*heads, attn_mask=mask, dropout_p=0.0,
+                                         is_causal=is_causal and mask is None)
+    return out.transpose(1, 2).reshape(B, T, d)
+
+
+class MultiheadAttentionKernel(LayerKernel):
+    """``nn.MultiheadAttention`` without ``vmap``: its four projections as linear layers.
+
+    Every parameter of the layer sits in a linear map (the q, k, v input projections and
+    ``out_proj``). Per call, the attention core is recomputed once, batched, from the
+    captured inputs, and one backward of it gives the gradients w.r.t. each example's
+    projected q, k and v (examples do not interact inside attention, so the batched
+    backward holds every example's own Δ). Each projection is then a linear layer on
+    sequences with known A and Δ, and the ghost / materialise kernels apply.
+    Configurations this does not recompute exactly (dropout in training mode, bias_k /
+    bias_v, add_zero_attn, a gradient flowing into the returned attention weights,
+    unbatched inputs) go to the torch.func fallback.
+    """
+
+    covers_submodules = True
+
+    def __init__(self):
+        self.fallback = FunctionalKernel(covers_submodules=True, batch_dims=_mha_batch_dims)
+
+    @staticmethod
+    def _supported(module: nn.MultiheadAttention, calls: Sequence[LayerCall]) -> bool:
+        if module.bias_k is not None or module.add_zero_attn or (
+                module.training and module.dropout > 0):
+            return False
+        return all(c.activation.dim() == 3 and c.backprops[0] is not None
+                   and all(b is None for b in c.backprops[1:]) for c in calls)
+
+    @staticmethod
+    def _params(module: nn.MultiheadAttention) -> dict[str, tuple[str, slice | None]]:
+        """Block → (weight name, rows of it); biases are rows of ``in_proj_bias``."""
+        d = module.embed_dim
+        if module._qkv_same_embed_dim:
+            return {b: ("in_proj_weight", slice(i * d, (i + 1) * d))
+                    for i, b in enumerate("qkv")}
+        return {b: (f"{b}_proj_weight", None) for b in "qkv"}
+
+    def _blocks(self, module, calls) -> list[dict[str, _Segment]]:
+        out = []
+        for c in calls:
+            blocks = c.extra.get("mha_blocks")
+            if blocks is None:
+                blocks = self._recompute(module, c)
+                c.extra["mha_blocks"] = blocks
+            out.append(blocks)
+        return out
+
+    def _recompute(self, module, c: LayerCall) -> dict[str, _Segment]:
+        a = dict(zip(_MHA_ARGS, c.args))
+        a.update(c.kwargs)
+        x = {"q": a["query"], "k": a["key"], "v": a["value"]}
+        delta = c.backprops[0]
+        if not module.batch_first:
+            x = {b: t.transpose(0, 1) for b, t in x.items()}
+            delta = delta.transpose(0, 1)
+        dtype = delta.dtype
+        d = module.embed_dim
+        bias = module.in_proj_bias
+        if module._qkv_same_embed_dim and all(_same_tensor(x["q"], x[b]) for b in "kv"):
+            # Self-attention: one input, so the packed in_proj is one linear layer whose
+            # Δ is [Δq | Δk | Δv]: one projection, one backward, one block.
+            xq = x["q"].to(dtype)
+            b_in = None if bias is None else bias.detach().to(dtype)
+            packed = F.linear(xq, module.in_proj_weight.detach().to(dtype), b_in)
+            with torch.enable_grad():
+                leaf = packed.detach().requires_grad_()
+                o = _mha_attention(module, *leaf.chunk(3, dim=-1), a)
+                go = delta @ module.out_proj.weight.detach().to(dtype)
+                (g,) = torch.autograd.grad(o, [leaf], go)
+            return {"qkv": _Segment(xq.unsqueeze(2), g.unsqueeze(2), c.offset),
+                    "out": _Segment(o.detach().unsqueeze(2), delta.unsqueeze(2), c.offset)}
+        proj = {}
+        for i, (b, (name, rows)) in enumerate(self._params(module).items()):
+            W = getattr(module, name).detach()
+            W = (W if rows is None else W[rows]).to(dtype)
+            bb = None if bias is None else bias.detach()[i * d:(i + 1) * d].to(dtype)
+            proj[b] = F.linear(x[b].to(dtype), W, bb)
+        with torch.enable_grad():
+            leaves = [proj[b].detach().requires_grad_() for b in "qkv"]
+            o = _mha_attention(module, *leaves, a)
+            go = delta @ module.out_proj.weight.detach().to(dtype)
+            grads = torch.autograd.grad(o, leaves, go)
+        segs = {b: _Segment(x[b].to(dtype).unsqueeze(2), g.unsqueeze(2), c.offset)
+                for b, g in zip("qkv", grads)}
+        segs["out"] = _Segment(o.detach().unsqueeze(2), delta.unsqueeze(2), c.offset)
+        return segs
+
+    @staticmethod
+    def _unpack(module, blk: dict[str, _Segment]) -> dict[str, _Segment]:
+        if "qkv" not in blk:
+            return blk
+        s = blk["qkv"]
+        return {**{b: _Segment(s.A, D, s.offset) for b, D in zip("qkv", s.D.chunk(3, dim=-1))},
+                "out": blk["out"]}
+
+    def _jobs(self, module, names, packed: bool = False):
+        """(block, weight name or None, bias name or None) per block, in parameter order."""
+        params = {"qkv": ("in_proj_weight", None)} if packed else self._params(module)
+        bias = "in_proj_bias" if "in_proj_bias" in names else None
+        jobs = [(b, w if w in names else None, bias) for b, (w, _) in params.items()]
+        jobs.append(("out", "out_proj.weight" if "out_proj.weight" in names else None,
+                     "out_proj.bias" if "out_proj.bias" in names else None))
+        return jobs
+
+    def _per_block(self, module, calls, names):
+        blocks = self._blocks(module, calls)
+        packed = all("qkv" in blk for blk in blocks)
+        if not packed and any("qkv" in blk for blk in blocks):  # mixed calls: unpack
+            blocks = [self._unpack(module, blk) for blk in blocks]
+        for b, w, bname in self._jobs(module, names, packed):
+            yield [blk[b] for blk in blocks], w, bname
+
+    def per_example_grads(self, module, calls, batch_size, names):
+        if not self._supported(module, calls):
+            return self.fallback.per_example_grads(module, calls, batch_size, names)
+        parts: dict[str, list] = {}
+        for segs, w, bname in self._per_block(module, calls, names):
+            if w is not None:
+                g = _segments_weight_grads(segs, batch_size)[:, 0]
+                parts.setdefault(w, []).append(g)
+            if bname is not None:
+                parts.setdefault(bname, []).append(_segments_bias_grads(segs, batch_size)[:, 0])
+        return {n: torch.cat(p, 1) if len(p) > 1 else p[0] for n, p in parts.items()}
+
+    def gram(self, module, calls, batch_size, names, dtype):
+        if not self._supported(module, calls):
+            return self.fallback.gram(module, calls, batch_size, names, dtype)
+        K = None
+        for segs, w, bname in self._per_block(module, calls, names):
+            if w is not None:
+                part = _segments_gram(segs, batch_size, dtype)
+                K = part if K is None else K + part
+            if bname is not None:
+                bg = _segments_bias_grads(segs, batch_size).reshape(batch_size, -1).to(dtype)
+                K = bg @ bg.T if K is None else K + bg @ bg.T
+        return K
+
+    def weighted_grads(self, module, calls, weights, names):
+        if not self._supported(module, calls):
+            return self.fallback.weighted_grads(module, calls, weights, names)
+        parts: dict[str, list] = {}
+        for segs, w, bname in self._per_block(module, calls, names):
+            if w is not None:
+                parts.setdefault(w, []).append(_segments_weighted_weight_grad(segs, weights)[0])
+            if bname is not None:
+                parts.setdefault(bname, []).append(_segments_weighted_bias_grad(segs, weights)[0])
+        return {n: torch.cat(p, 0) if len(p) > 1 else p[0] for n, p in parts.items()}
+
+    def costs(self, module, calls, batch_size, names):
+        if not self._supported(module, calls):
+            return math.inf, 0.0
+        d = module.embed_dim
+        seq = 0 if not module.batch_first else 1
+        ghost = materialise = 0.0
+        for c in calls:
+            a = dict(zip(_MHA_ARGS, c.args))
+            a.update(c.kwargs)
+            n = a["query"].shape[1 - seq]
+            for b, d_in in (("query", d), ("key", module.kdim), ("value", module.vdim),
+                            ("query", d)):
+                T = a[b].shape[seq]
+                ghost += batch_size * batch_size * T * T * (d_in + d)
+                materialise += n * T * d_in * d
+        materialise += batch_size * batch_size * sum(p.numel() for p in module.parameters())
+        return float(ghost), float(materialise)
+
+
 KERNELS: dict[type, LayerKernel] = {
     nn.Linear: LinearKernel(),
     nn.Conv1d: ConvKernel(),
     nn.Conv2d: ConvKernel(),
     nn.Conv3d: ConvKernel(),
     nn.Embedding: EmbeddingKernel(),
-    nn.MultiheadAttention: FunctionalKernel(covers_submodules=True, batch_dims=_mha_batch_dims),
+    nn.MultiheadAttention: MultiheadAttentionKernel(),
 }
 
 

@@ -1,0 +1,330 @@
+"""Hugging Face ``transformers.Trainer``: guard training with a Trainer subclass.
+
+A ``TrainerCallback`` cannot change the loss or see the batch's dataset indices, so the
+integration is a subclass, :class:`GradGuardTrainer`, used exactly like ``Trainer``:
+
+- **loss**: GNQ needs each example's own loss, but most language-model losses average
+  over all tokens of the batch (an example with more tokens weighs more). The trainer
+  computes a per-example loss (:func:`per_example_loss`: an example's own mean token loss,
+  or its classification/regression loss) and averages it over examples. For sequence
+  classification this is the model's usual loss; for token-level heads it weighs every
+  example equally, as DP-SGD does.
+- **dataset indices** travel with the examples: the training dataset is wrapped so that
+  each example carries its index under ``"gradguard_index"``, which the collator stacks
+  and ``compute_loss`` removes before the forward pass. Any sampler, Accelerate's
+  per-process sharding or ``even_batches`` padding keeps them right.
+- **optimizer**: ``create_optimizer`` wraps the Trainer's optimizer (before Accelerate
+  prepares it), so each optimizer step is measured and shaped. With a policy, HF's
+  gradient-norm clipping (``max_grad_norm``) is applied again to the rewritten gradients.
+- **checkpoints**: the guard's state is saved as ``gradguard_state.pt`` in every
+  checkpoint directory and restored by ``train(resume_from_checkpoint=...)``.
+- **logging**: TensorBoard, when ``log_dir`` is given to the guard (default: none;
+  ``"auto"``: ``<output_dir>/gradguard``), from the main process only.
+
+GNQ runs on gradguard's exact sequence kernels: ``nn.Linear`` over ``[B, T, d]`` uses the
+sequence ghost kernel Σ_{t,s}(a_it·a_js)(δ_it·δ_js) (or materialises, whichever is
+cheaper), ``nn.Embedding`` its index kernel; layers with no ghost kernel (LayerNorm,
+GPT-2's ``Conv1D``, tied embedding/head weights) materialise their per-example gradients.
+``trainer.guard.hooks.layer_routes()`` says which route each layer took.
+
+Supported: ``gradient_accumulation_steps=1``; fp32 or bf16 (fp16 loss scaling would scale
+every per-example gradient); single process or DDP (``torchrun``), where the ranks agree
+as described in :mod:`gradguard.distributed`.
+
+Requires ``pip install gradguard[huggingface]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+try:
+    from transformers import Trainer
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("gradguard.integrations.huggingface needs transformers: "
+                      "pip install gradguard[huggingface]") from exc
+
+from ..engine import GradGuard
+from ..optimizer import GuardedOptimizer
+
+__all__ = ["GradGuardTrainer", "per_example_loss", "INDEX_KEY", "STATE_FILE"]
+
+#: Key under which each training example carries its dataset index through the collator.
+INDEX_KEY = "gradguard_index"
+#: File the guard's state is saved to in each checkpoint directory.
+STATE_FILE = "gradguard_state.pt"
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, *, causal_lm: bool = False,
+                     problem_type: str | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Each example's own loss, ``[B]``, for the common Hugging Face heads.
+
+    Args:
+        logits: ``[B, C]`` (sequence classification / regression) or ``[B, T, V]``
+            (token classification, language modelling).
+        labels: ``[B]`` / ``[B, C]`` (multi-label) or ``[B, T]``.
+        causal_lm: shift so position t predicts token t + 1 (causal language models).
+        problem_type: the config's ``problem_type`` (``"regression"``,
+            ``"single_label_classification"``, ``"multi_label_classification"``);
+            ``None`` infers it as ``transformers`` does.
+        ignore_index: label value of positions that do not count (padding).
+
+    Returns:
+        ``[B]`` per-example losses: cross-entropy, mean squared error, or the mean of the
+        example's own token losses over its counted tokens.
+
+    Raises:
+        ValueError: shapes that match none of these heads.
+
+    Example:
+        >>> per_example_loss(torch.zeros(2, 3), torch.tensor([0, 2]))
+        tensor([1.0986, 1.0986])
+    """
+    if logits.dim() == 3:
+        if causal_lm:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(f"token-level labels must be [B, T] like logits {tuple(logits.shape)}"
+                             f", got {tuple(labels.shape)}")
+        tokens = F.cross_entropy(logits.transpose(1, 2).float(), labels, reduction="none",
+                                 ignore_index=ignore_index)
+        counted = (labels != ignore_index).sum(1).clamp(min=1)
+        return tokens.sum(1) / counted
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, C] or [B, T, V], got {tuple(logits.shape)}; pass "
+                         "GradGuardTrainer(per_example_loss_fn=...) for this head")
+    if problem_type is None:
+        if logits.shape[1] == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "regression":
+        return F.mse_loss(logits.float().reshape(labels.shape[0], -1),
+                          labels.float().reshape(labels.shape[0], -1),
+                          reduction="none").mean(1)
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits.float(), labels.reshape(-1), reduction="none")
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(),
+                                                  reduction="none").mean(1)
+    raise ValueError(f"unknown problem_type {problem_type!r}")
+
+
+class _IndexedDataset(Dataset):
+    """A map-style dataset of dict examples whose examples also carry their index."""
+
+    def __init__(self, dataset, key: str):
+        self.dataset = dataset
+        self.key = key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        if not isinstance(item, Mapping):
+            raise TypeError(
+                f"GradGuardTrainer needs training examples that are dicts (as Trainer "
+                f"datasets usually are), got {type(item).__name__}; wrap the dataset so "
+                "__getitem__ returns {'input_ids': ..., 'labels': ...}")
+        if self.key in item:
+            raise ValueError(f"the training examples already have a {self.key!r} key")
+        return {**item, self.key: int(index)}
+
+
+class _IndexCollator:
+    """Takes the indices out of the features, collates the rest, adds them back stacked."""
+
+    def __init__(self, collator: Callable, key: str):
+        self.collator = collator
+        self.key = key
+
+    def __call__(self, features: list[dict]) -> dict:
+        indices = [f[self.key] for f in features]
+        batch = self.collator([{k: v for k, v in f.items() if k != self.key} for f in features])
+        batch[self.key] = torch.tensor(indices, dtype=torch.long)
+        return batch
+
+
+class GradGuardTrainer(Trainer):
+    """A ``transformers.Trainer`` whose training is guarded by a :class:`~gradguard.GradGuard`.
+
+    Args:
+        *args: ``Trainer`` arguments.
+        guard: the GradGuard (default: ``GradGuard(policy="monitor")``). Under a
+            multi-process run its ``distributed`` defaults to ``True``; ``log_dir="auto"``
+            logs to ``<args.output_dir>/gradguard``.
+        per_example_loss_fn: ``fn(outputs, labels) -> [B]`` each example's own loss
+            (default: :func:`per_example_loss` on ``outputs.logits``).
+        loss_reduction: how the per-example losses reduce into the training loss,
+            ``"mean"`` (default) or ``"sum"``.
+        guarded_params: restrict the guarded parameters (default: every trainable one).
+        **kwargs: ``Trainer`` keyword arguments.
+
+    Attributes:
+        guard: the GradGuard; ``trainer.guard.ledger`` fills during ``train()``.
+
+    Raises:
+        ValueError: ``gradient_accumulation_steps > 1``, fp16 training, or a bad
+            ``loss_reduction``.
+
+    Example:
+        >>> trainer = GradGuardTrainer(model=model, args=args,            # doctest: +SKIP
+        ...                            train_dataset=train, guard=gg.GradGuard(policy="monitor"))
+        >>> trainer.train()                                               # doctest: +SKIP
+        >>> trainer.guard.ledger.top(5)                                   # doctest: +SKIP
+    """
+
+    def __init__(self, *args, guard: GradGuard | None = None,
+                 per_example_loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+                 loss_reduction: str = "mean",
+                 guarded_params: Iterable[nn.Parameter] | None = None, **kwargs):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum' (how the per-example "
+                             f"losses reduce), got {loss_reduction!r}")
+        super().__init__(*args, **kwargs)
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"GradGuardTrainer needs gradient_accumulation_steps=1 (got "
+                f"{self.args.gradient_accumulation_steps}): the Trainer divides the loss by it, "
+                "which would scale every per-example gradient. Use a larger batch instead.")
+        if self.args.fp16:
+            raise ValueError("GradGuardTrainer does not support fp16=True: loss scaling scales "
+                             "every per-example gradient. Use bf16=True or fp32.")
+        self.guard = guard if guard is not None else GradGuard(policy="monitor")
+        self.per_example_loss_fn = per_example_loss_fn
+        self.loss_reduction = loss_reduction
+        self.guarded_params = None if guarded_params is None else list(guarded_params)
+        # compute_loss below returns a plain per-batch mean of per-example losses.
+        self.model_accepts_loss_kwargs = False
+
+    # ------------------------------------------------------------------ data
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if INDEX_KEY not in self._signature_columns:
+            self._signature_columns.append(INDEX_KEY)  # survive unused-column removal
+
+    def get_train_dataloader(self):
+        dataset, collator = self.train_dataset, self.data_collator
+        if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or \
+                not hasattr(dataset, "__getitem__"):
+            raise TypeError("GradGuardTrainer tracks examples by dataset index and needs a "
+                            "map-style train_dataset (with __len__ and __getitem__)")
+        self.train_dataset = _IndexedDataset(dataset, INDEX_KEY)
+        self.data_collator = _IndexCollator(collator, INDEX_KEY)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset, self.data_collator = dataset, collator
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.guard.module is not None:  # a later train() call: already guarded
+            return optimizer
+        guard = self.guard
+        if guard.distributed is None and self.args.world_size > 1:
+            guard.distributed = True  # Accelerate wraps the model after this point
+        if guard.log_dir == "auto":
+            base = getattr(self.args, "logging_dir", None) or self.args.output_dir
+            guard.log_dir = os.path.join(base, "gradguard")
+        if guard.log_dir is not None and not self.args.should_log:
+            guard.log_dir = None
+        if guard.num_examples is None:
+            guard.num_examples = len(self.train_dataset)
+        _, guarded, _ = guard.make_guarded(module=self.model, optimizer=optimizer,
+                                           loss_reduction=self.loss_reduction,
+                                           params=self.guarded_params)
+        guarded.expected_batch_size = self._train_batch_size
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0 and guard.policy != "monitor":
+            guarded.step_hook = self._clip_rewritten
+        self.optimizer = guarded
+        return guarded
+
+    def _clip_rewritten(self, optimizer: GuardedOptimizer) -> None:
+        # The Trainer clipped the gradient norm before optimizer.step(); the policy then
+        # replaced the gradients, so clip what will actually be applied.
+        torch.nn.utils.clip_grad_norm_(optimizer.params, self.args.max_grad_norm)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        indices = inputs.pop(INDEX_KEY, None)
+        labels = None
+        for name in self.label_names or ["labels"]:
+            if name in inputs:
+                labels = inputs.pop(name)
+                break
+        if labels is None:
+            raise ValueError("GradGuardTrainer computes each example's loss from the labels; "
+                             f"the batch has none (keys: {sorted(inputs)})")
+        self._expand_positions(model, inputs)
+        outputs = model(**inputs)
+        if self.per_example_loss_fn is not None:
+            losses = self.per_example_loss_fn(outputs, labels)
+        else:
+            logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+            losses = per_example_loss(logits, labels, causal_lm=self._is_causal_lm(model),
+                                      problem_type=self._problem_type(model))
+        if indices is not None and model.training and torch.is_grad_enabled():
+            self.guard.set_batch_indices(indices)
+        loss = losses.mean() if self.loss_reduction == "mean" else losses.sum()
+        return (loss, outputs) if return_outputs else loss
+
+    def _unwrapped(self, model) -> nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def _expand_positions(self, model, inputs: dict) -> None:
+        # Left to themselves, most models build position_ids as [1, T] and let the position
+        # embedding's output broadcast over the batch: its gradient then arrives already
+        # summed over examples, and per-example gradients are lost. The same positions,
+        # spelled out per example, keep them apart (the forward pass is unchanged).
+        ids = inputs.get("input_ids")
+        if ids is None or ids.dim() != 2 or "position_ids" in inputs:
+            return
+        if "position_ids" not in inspect.signature(self._unwrapped(model).forward).parameters:
+            return
+        inputs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+
+    def _is_causal_lm(self, model) -> bool:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        return type(self._unwrapped(model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+    def _problem_type(self, model) -> str | None:
+        config = getattr(self._unwrapped(model), "config", None)
+        return getattr(config, "problem_type", None)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.guard.ledger is not None and self.args.should_save:
+            torch.save(self.guard.state_dict(), os.path.join(output_dir, STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.guard.ledger is None:
+            return
+        path = os.path.join(checkpoint, STATE_FILE)
+        if os.path.exists(path):
+            self.guard.load_state_dict(torch.load(path, map_location=self.guard.ledger.device,
+                                                  weights_only=True))
+
+    # ------------------------------------------------------------------ the end
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; afterwards the guard is closed (hooks removed, logs flushed)."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.guard.module is not None:
+                self.guard.close()

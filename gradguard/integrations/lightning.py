@@ -1,0 +1,265 @@
+"""PyTorch Lightning: guard a ``Trainer``'s training by adding one callback.
+
+``Trainer(callbacks=[GradGuardCallback(policy="monitor")])`` guards training with no
+change to the LightningModule:
+
+- the hooks attach to the LightningModule's layers (under the DDP strategy too: DDP's
+  forward reaches the same layers);
+- the training DataLoader Lightning builds (after it injected a ``DistributedSampler``)
+  is rebuilt around gradguard's recording batch sampler, so each batch's dataset indices
+  are known; the batches themselves, their order and the sampler's RNG are unchanged;
+- the strategy's optimizer is wrapped so every optimizer step is measured and shaped;
+- the callback's state (ledger, counters, threshold window) goes into Lightning
+  checkpoints and comes back with ``fit(ckpt_path=...)``;
+- with a ``TensorBoardLogger``, gradguard writes into the logger's run directory
+  (``trainer.logger.log_dir``), so its ``gradguard/`` tags show up in the same
+  TensorBoard run as the Trainer's metrics.
+
+Supported: automatic optimisation, or manual optimisation with one optimizer step per
+batch; one optimizer; ``accumulate_grad_batches=1``; 32/64-bit or bf16 precision (fp16
+mixed precision scales the loss, which would scale every per-example gradient); single
+device or the DDP strategies (``"ddp"``, ``"ddp_spawn"``, ...), where the ranks agree as
+described in :mod:`gradguard.distributed`.
+
+Requires ``pip install gradguard[lightning]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("gradguard.integrations.lightning needs Lightning: "
+                      "pip install gradguard[lightning]") from exc
+
+from ..engine import GradGuard
+from ..loader import RecordingBatchSampler, track_indices
+from ..optimizer import GuardedOptimizer
+
+__all__ = ["GradGuardCallback"]
+
+
+class _LightningGuardedOptimizer(GuardedOptimizer):
+    """GuardedOptimizer fitted to Lightning's closure.
+
+    Lightning zeroes gradients *inside* the closure, between ``training_step``'s forward
+    and the backward pass, so ``zero_grad`` must not drop the forward's captures (the
+    guard clears them after every step itself). A ``training_step`` that returns ``None``
+    skips the backward pass: that step leaves the guard out.
+    """
+
+    def __init__(self, optimizer, *, guard: GradGuard, expected_batch_size: int | None,
+                 loss_reduction: str, automatic: bool):
+        super().__init__(optimizer, guard=guard, expected_batch_size=expected_batch_size,
+                         loss_reduction=loss_reduction)
+        self.automatic = automatic
+        self.pending_indices: torch.Tensor | None = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if loss is None and self.automatic:  # training_step returned None: no backward
+                self.pending_indices = None
+                self.guard._clear_step()
+                return self.original_optimizer.step()
+        if self.pending_indices is not None:
+            self.guard.set_batch_indices(self.pending_indices)
+            self.pending_indices = None
+        out = super().step()
+        return loss if out is None else out
+
+
+class GradGuardCallback(Callback):
+    """Guards a Lightning ``Trainer``'s training with a :class:`~gradguard.GradGuard`.
+
+    Args:
+        loss_reduction: how ``training_step``'s loss reduces over the batch, ``"mean"``
+            (default) or ``"sum"``.
+        params: restrict the guarded parameters (default: every trainable one).
+        batch_first: whether model inputs are batch first.
+        **guard_kwargs: :class:`~gradguard.GradGuard` arguments (``policy``, ``lam``,
+            ``threshold``, ``budget``, ``curvature``, ``log_dir``, ...). Without
+            ``log_dir``, gradguard logs into the Trainer's ``TensorBoardLogger`` run
+            directory when there is one. Under a multi-rank DDP strategy ``distributed``
+            defaults to ``True``.
+
+    Attributes:
+        guard: the :class:`~gradguard.GradGuard` (its ``ledger`` is filled during ``fit``).
+
+    Raises:
+        ValueError: bad GradGuard arguments (at construction), or a Trainer setup
+            gradguard cannot measure (at ``fit``): gradient accumulation, several
+            optimizers, fp16 mixed precision, a non-DDP multi-device strategy, or an
+            iterable-style training dataset.
+
+    Example:
+        >>> trainer = lightning.pytorch.Trainer(            # doctest: +SKIP
+        ...     max_epochs=3, callbacks=[GradGuardCallback(policy="monitor")])
+        >>> trainer.fit(lit_module, train_loader)           # doctest: +SKIP
+        >>> trainer.callbacks[0].guard.ledger.top(5)        # doctest: +SKIP
+    """
+
+    def __init__(self, *, loss_reduction: str = "mean",
+                 params: Iterable[nn.Parameter] | None = None, batch_first: bool = True,
+                 **guard_kwargs: Any):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum' (how training_step's "
+                             f"loss reduces over the batch), got {loss_reduction!r}")
+        self.guard = GradGuard(**guard_kwargs)
+        self.loss_reduction = loss_reduction
+        self.params = None if params is None else list(params)
+        self.batch_first = batch_first
+        self._recorder: RecordingBatchSampler | None = None
+        self._train_loader: DataLoader | None = None
+        self._optimizer: _LightningGuardedOptimizer | None = None
+        self._raw_optimizer = None
+        self._restore_process: Callable[[], None] | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ setup
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.guard.module is not None:
+            raise RuntimeError("this GradGuardCallback already guarded a fit; create a new "
+                               "one for each Trainer.fit")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"GradGuardCallback needs accumulate_grad_batches=1 (got "
+                f"{trainer.accumulate_grad_batches}): Lightning divides the loss by it, which "
+                "would scale every per-example gradient. Use a larger batch instead.")
+        if str(trainer.precision).startswith("16"):
+            raise ValueError(
+                f"GradGuardCallback does not support precision={trainer.precision!r}: fp16 "
+                "loss scaling scales every per-example gradient. Use '32-true' or "
+                "'bf16-mixed'.")
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"GradGuardCallback guards exactly one optimizer; "
+                             f"configure_optimizers returned {len(trainer.optimizers)}")
+        multi = trainer.world_size > 1
+        if multi and not isinstance(trainer.strategy, DDPStrategy):
+            raise ValueError(
+                f"GradGuardCallback supports single-device and DDP strategies, not "
+                f"{type(trainer.strategy).__name__}")
+        if not multi and not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(f"GradGuardCallback does not support the "
+                             f"{type(trainer.strategy).__name__} strategy")
+        self._wrap_train_dataloaders(trainer)
+
+    def _wrap_train_dataloaders(self, trainer: pl.Trainer) -> None:
+        # The fit loop builds the training DataLoader and starts iterating it before
+        # on_train_start; the strategy's process_dataloader is the one step between the
+        # final DataLoader and its first iterator, so the recorder goes in there.
+        strategy = trainer.strategy
+        original = strategy.process_dataloader
+
+        def process_dataloader(dataloader: object) -> object:
+            dataloader = original(dataloader)
+            if not trainer.training or not isinstance(dataloader, DataLoader):
+                return dataloader
+            if dataloader.batch_sampler is None:
+                raise TypeError(
+                    "GradGuardCallback tracks examples by dataset index, which needs a "
+                    "map-style training dataset with a batch sampler; this DataLoader has "
+                    "none (iterable-style dataset or batch_size=None).")
+            tracked = track_indices(dataloader)  # also when Lightning reloads the loader
+            self._recorder, self._train_loader = tracked.recorder, tracked.loader
+            return tracked.loader
+
+        strategy.process_dataloader = process_dataloader
+
+        def restore() -> None:
+            if strategy.__dict__.get("process_dataloader") is process_dataloader:
+                del strategy.process_dataloader
+
+        self._restore_process = restore
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.guard.module is not None:
+            return
+        if self._train_loader is None:
+            raise RuntimeError("GradGuardCallback did not see the training DataLoader; pass "
+                               "train_dataloaders (or a datamodule) to Trainer.fit")
+        if not isinstance(trainer.train_dataloader, DataLoader):
+            raise ValueError("GradGuardCallback supports one training DataLoader (a batch's "
+                             "examples must come from one dataset); got "
+                             f"{type(trainer.train_dataloader).__name__}")
+        guard = self.guard
+        if guard.num_examples is None:
+            guard.num_examples = len(self._train_loader.dataset)
+        if guard.distributed is None and trainer.world_size > 1:
+            guard.distributed = True  # DDP wraps the LightningModule where gradguard can't see
+        if guard.log_dir is None:
+            logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)),
+                          None)
+            if logger is not None and trainer.is_global_zero:
+                guard.log_dir = logger.log_dir
+        raw = trainer.strategy.optimizers[0]
+        guard.make_guarded(module=pl_module, optimizer=raw, loss_reduction=self.loss_reduction,
+                           params=self.params, batch_first=self.batch_first)
+        expected = self._train_loader.batch_size or getattr(self._recorder, "batch_size", None)
+        self._optimizer = _LightningGuardedOptimizer(
+            raw, guard=guard, expected_batch_size=expected, loss_reduction=self.loss_reduction,
+            automatic=pl_module.automatic_optimization)
+        guard.optimizer = self._optimizer
+        self._raw_optimizer = raw
+        trainer.strategy.optimizers = [self._optimizer]
+        if self._pending_state:
+            guard.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    # ------------------------------------------------------------------ per batch
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if self._optimizer is None or self._recorder is None:
+            return
+        if not self._recorder.drawn:
+            raise RuntimeError("GradGuardCallback lost track of the batches' dataset indices "
+                               "(the training DataLoader was iterated outside the fit loop?)")
+        # Batches arrive in the order their index lists were drawn (prefetching included).
+        self._optimizer.pending_indices = torch.tensor(self._recorder.drawn.popleft(),
+                                                       dtype=torch.long)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self.guard.ledger is not None:
+            return self.guard.state_dict()
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.guard.ledger is not None:
+            self.guard.load_state_dict(state_dict)
+        else:  # Lightning restores callbacks before training starts: apply on attach
+            self._pending_state = dict(state_dict)
+
+    # ------------------------------------------------------------------ the end
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._finish(trainer)
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        if self._restore_process is not None:
+            self._restore_process()
+            self._restore_process = None
+        if self._optimizer is not None and trainer.strategy.optimizers \
+                and trainer.strategy.optimizers[0] is self._optimizer:
+            trainer.strategy.optimizers = [self._raw_optimizer]
+        if self.guard.module is not None:
+            self.guard.close()
