@@ -102,7 +102,8 @@ def cases():
         torch.randint(0, 3, (4,), generator=gen(16))
     yield "norms", lambda: nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(),
                                          nn.Linear(8, 8), nn.RMSNorm(8), nn.Linear(8, 3)), \
-        torch.randn(6, 5, generator=gen(17), dtype=F64), torch.randint(0, 3, (6,), generator=gen(18))
+        torch.randn(6, 5, generator=gen(17), dtype=F64), \
+        torch.randint(0, 3, (6,), generator=gen(18))
     yield "batch_of_one", lambda: nn.Sequential(nn.Linear(10, 4), nn.Tanh(), nn.Linear(4, 3)), \
         torch.randn(1, 10, generator=gen(19), dtype=F64), torch.tensor([2])
 
