@@ -232,6 +232,7 @@ class GramHooks:
             for k, o in enumerate(outs):
                 if isinstance(o, torch.Tensor) and o.requires_grad:
                     o.register_hook(self._make_backprop_hook(call, k, scale))
+            self._owners[idx].kernel.on_forward(m, call, output)
             self._calls[idx].append((fid, call))
             self._collected = None
         return hook
@@ -316,9 +317,9 @@ class GramHooks:
                 if fid not in offsets or all(b is None for b in c.backprops):
                     continue
                 c.offset = offsets[fid]
-                c.args, c.kwargs, c.backprops, c.out_template = _map_tensors(
-                    lambda t: _promote(t, promote),
-                    (c.args, c.kwargs, c.backprops, c.out_template))
+                c.args, c.kwargs, c.backprops, c.out_template, c.captures, c.saved = \
+                    _map_tensors(lambda t: _promote(t, promote), (
+                        c.args, c.kwargs, c.backprops, c.out_template, c.captures, c.saved))
                 kept.append(c)
             if kept:
                 result[idx] = kept
@@ -332,6 +333,8 @@ class GramHooks:
                     c.extra.clear()
                     if s != 1:
                         c.backprops = [None if b is None else b * s for b in c.backprops]
+                        c.captures = {k: _map_tensors(lambda t, s=s: t * s, v)
+                                      for k, v in c.captures.items()}
         self._collected = (total, result)
         return self._collected
 

@@ -63,6 +63,10 @@ class LayerCall:
         batch_size: examples in this call.
         out_template: the call's outputs (detached), to rebuild shapes.
         extra: per-step scratch space (kernels cache derived tensors here).
+        captures: gradients of the layer's internal tensors that a kernel's
+            :meth:`LayerKernel.on_forward` hooks recorded during backward: lists of
+            tensors, accumulated over backward passes and scaled like ``backprops``.
+        saved: forward values such a kernel kept (not scaled).
     """
 
     args: tuple
@@ -72,6 +76,8 @@ class LayerCall:
     batch_size: int
     out_template: Any = None
     extra: dict = field(default_factory=dict)
+    captures: dict = field(default_factory=dict)
+    saved: dict = field(default_factory=dict)
 
     @property
     def activation(self) -> torch.Tensor:
@@ -115,6 +121,13 @@ class LayerKernel:
               names: Sequence[str]) -> tuple[float, float]:
         """(ghost cost, materialise cost); ``math.inf`` ghost cost means no ghost route."""
         return math.inf, 0.0
+
+    def on_forward(self, module: nn.Module, call: LayerCall, output: Any) -> None:
+        """Called by the hooks right after each captured forward call of ``module``.
+
+        A kernel may register autograd hooks here to record internal gradients into
+        ``call.captures`` (and forward values into ``call.saved``). Default: nothing.
+        """
 
 
 def _gram_of(grads, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -255,6 +268,13 @@ class _AffineKernel(LayerKernel):
 
     def gram(self, module, calls, batch_size, names, dtype):
         segs = self._segs(module, calls)
+        s = segs[0]
+        if ("weight" in names and "bias" in names and len(segs) == 1
+                and s.A.shape[:3] == (batch_size, 1, 1)):
+            # A linear layer on vectors: its bias is a weight on a constant input 1, so
+            # K = (A Aᵀ + 1) ⊙ (D Dᵀ) in one pass.
+            A, D = s.A[:, 0, 0], s.D[:, 0, 0]
+            return (A @ A.T).add_(1.0).mul_(D @ D.T).to(dtype)
         K = torch.zeros(batch_size, batch_size, dtype=dtype, device=segs[0].A.device)
         if "weight" in names:
             K += _segments_gram(segs, batch_size, dtype)
@@ -395,7 +415,11 @@ class ConvKernel(_AffineKernel):
     def per_example_grads(self, module, calls, batch_size, names):
         # With the batch folded into the groups, the conv's own weight-backward kernel
         # gives every example's gradient at once: no unfolded copy of the input (which is
-        # k^d times larger) and about 2× faster than unfold + bmm on CPU.
+        # k^d times larger) and 2-4× faster than unfold + bmm on CPU. Except with very few
+        # input channels per group (an RGB stem): there oneDNN's grouped kernel is 2-3×
+        # slower than the im2col + bmm route, whose unfolded input is then small.
+        if calls[0].activation.dim() == 4 and module.in_channels // module.groups < 8:
+            return super().per_example_grads(module, calls, batch_size, names)
         out: dict[str, torch.Tensor] = {}
         for c in calls:
             x = _conv_pad(module, c.activation)
@@ -707,6 +731,41 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.dtype == b.dtype)
 
 
+_VIEW_NODES = ("ViewBackward0", "TransposeBackward0", "PermuteBackward0", "UnsafeViewBackward0",
+               "CloneBackward0", "AliasBackward0", "ReshapeAliasBackward0")
+
+
+def _skip_views(fn):
+    while fn is not None and type(fn).__name__ in _VIEW_NODES:
+        nxt = [f for f, _ in fn.next_functions if f is not None]
+        fn = nxt[0] if len(nxt) == 1 else None
+    return fn
+
+
+def _find_sdpa_node(out: torch.Tensor, module: nn.MultiheadAttention):
+    """The fused-attention autograd node behind ``out = MHA(...)[0]``, or None.
+
+    Only the exact graph of ``F.multi_head_attention_forward`` is accepted: views, then
+    out_proj's (add)mm whose weight operand is this module's ``out_proj.weight``, then
+    views, then a ``ScaledDotProduct*Backward`` node. Anything else (the need_weights
+    path, custom attention) returns None and the kernel recomputes instead.
+    """
+    fn = _skip_views(out.grad_fn)
+    if fn is None or type(fn).__name__ not in ("AddmmBackward0", "MmBackward0"):
+        return None
+    try:
+        weight = fn._saved_mat2
+    except (AttributeError, RuntimeError):
+        return None
+    if weight is None or weight.data_ptr() != module.out_proj.weight.data_ptr():
+        return None
+    for nxt, _ in fn.next_functions:
+        node = _skip_views(nxt)
+        if node is not None and type(node).__name__.startswith("ScaledDotProduct"):
+            return node
+    return None
+
+
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
              "average_attn_weights", "is_causal")
 
@@ -785,6 +844,27 @@ class MultiheadAttentionKernel(LayerKernel):
             out.append(blocks)
         return out
 
+    def on_forward(self, module, call, output):
+        # Record the fused attention node's input gradients during the user's own
+        # backward, so that the kernel needs no recompute of the attention (which costs
+        # about as much as the attention's forward and backward in training).
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        node = _find_sdpa_node(out, module) if isinstance(out, torch.Tensor) else None
+        if node is None:
+            return
+        try:
+            call.saved["sdpa_out"] = node._saved_output.detach()
+        except (AttributeError, RuntimeError):
+            return
+
+        def hook(grad_inputs, grad_outputs):
+            g = [None if t is None else t.detach() for t in grad_inputs[:3]]
+            prev = call.captures.get("sdpa")
+            call.captures["sdpa"] = g if prev is None else [
+                b if a is None else (a if b is None else a + b) for a, b in zip(prev, g)]
+
+        node.register_hook(hook)
+
     def _recompute(self, module, c: LayerCall) -> dict[str, _Segment]:
         a = dict(zip(_MHA_ARGS, c.args))
         a.update(c.kwargs)
@@ -796,6 +876,9 @@ class MultiheadAttentionKernel(LayerKernel):
         dtype = delta.dtype
         d = module.embed_dim
         bias = module.in_proj_bias
+        captured = self._from_captures(module, c, x, delta)
+        if captured is not None:
+            return captured
         if module._qkv_same_embed_dim and all(_same_tensor(x["q"], x[b]) for b in "kv"):
             # Self-attention: one input, so the packed in_proj is one linear layer whose
             # Δ is [Δq | Δk | Δv]: one projection, one backward, one block.
@@ -823,6 +906,32 @@ class MultiheadAttentionKernel(LayerKernel):
         segs = {b: _Segment(x[b].to(dtype).unsqueeze(2), g.unsqueeze(2), c.offset)
                 for b, g in zip("qkv", grads)}
         segs["out"] = _Segment(o.detach().unsqueeze(2), delta.unsqueeze(2), c.offset)
+        return segs
+
+    def _from_captures(self, module, c: LayerCall, x: dict, delta: torch.Tensor):
+        """Blocks from the gradients recorded in backward (see :meth:`on_forward`)."""
+        grads, o = c.captures.get("sdpa"), c.saved.get("sdpa_out")
+        B, T, d = delta.shape
+        h = module.num_heads
+        if grads is None or o is None or any(g is None for g in grads):
+            return None
+        S = x["k"].shape[1]
+        want = [(B, h, T, d // h), (B, h, S, d // h), (B, h, S, d // h)]
+        if [tuple(g.shape) for g in grads] != want or tuple(o.shape) != want[0]:
+            return None
+
+        def batch_first(t):  # [B, h, L, d/h] -> [B, L, d], heads concatenated as in MHA
+            return t.permute(0, 2, 1, 3).reshape(B, t.shape[2], d).to(delta.dtype)
+
+        dq, dk, dv = (batch_first(g) for g in grads)
+        segs = {"out": _Segment(batch_first(o).unsqueeze(2), delta.unsqueeze(2), c.offset)}
+        xq = x["q"].to(delta.dtype)
+        if module._qkv_same_embed_dim and all(_same_tensor(x["q"], x[b]) for b in "kv"):
+            segs["qkv"] = _Segment(xq.unsqueeze(2), torch.cat([dq, dk, dv], -1).unsqueeze(2),
+                                   c.offset)
+        else:
+            for b, g in zip("qkv", (dq, dk, dv)):
+                segs[b] = _Segment(x[b].to(delta.dtype).unsqueeze(2), g.unsqueeze(2), c.offset)
         return segs
 
     @staticmethod

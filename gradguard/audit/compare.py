@@ -1,0 +1,1373 @@
+"""GNQ censorship against DP-SGD: one experiment, every defence on equal terms.
+
+Every row of the comparison trains the same model from the same initial weights
+(``make_model(..., seed=seed)``) on the same member/holdout/test split for the same number
+of epochs with the same optimizer recipe and, where the defence allows it, the same data
+order (a seeded ``torch.Generator``). The rows differ only in the defence:
+
+- ``none``: plain training;
+- ``dp-sgd``: Opacus ``make_private_with_epsilon`` at a target ε (δ stated, Poisson
+  sampling as the accountant assumes, so the data order is Poisson's), with the
+  accountant's spent ε reported;
+- ``gnq-drop``: GradGuard ``policy="drop"`` at a threshold (absolute, or a
+  :class:`~gradguard.policies.Quantile` of the run's own recent GNQ) and/or a budget;
+- ``gnq-clip``: GradGuard ``policy="clip"``.
+
+A GradGuard is attached to every row (``policy="monitor"`` for ``none`` and ``dp-sgd``,
+composed after Opacus' ``make_private_with_epsilon`` in hooks mode), so GNQ and the
+disclosure ledger are measured the same way everywhere. For DP-SGD rows the guard reads the
+per-example gradients *before* DP clipping and noise: the GNQ columns there describe the
+raw gradients, not what the noisy update releases.
+
+Each trained model is then attacked on members (the training set) against non-members
+(the holdout set): loss threshold, input-loss curvature threshold (low curvature = member)
+and LiRA, online and offline, with shadow models trained on random halves of
+train ∪ holdout with the same recipe and no defence (the usual LiRA threat model; the
+shadows are shared by all rows). Canaries planted by :func:`gradguard.data.load_dataset`
+give a worst-case view: the same metrics restricted to member canaries against holdout
+canaries.
+
+Only numbers and dataset indices are written; never training examples.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = [
+    "ATTACKS",
+    "ComparisonConfig",
+    "RowSpec",
+    "Progress",
+    "aggregate_rows",
+    "demo_config",
+    "markdown_table",
+    "parse_policy_spec",
+    "row_specs",
+    "run_comparison",
+    "run_repeated",
+    "run_row",
+    "train_shadows",
+]
+
+#: Attacks the comparison can run, in table order.
+ATTACKS: tuple[str, ...] = ("loss", "curvature", "lira_online", "lira_offline")
+_LIRA = ("lira_online", "lira_offline")
+_ATTACK_LABELS = {"loss": "loss", "curvature": "curv.", "lira_online": "LiRA-on",
+                  "lira_offline": "LiRA-off"}
+_METRIC_KEYS = ("auc", "balanced_accuracy", "tpr_at_1pct_fpr", "tpr_at_01pct_fpr", "advantage",
+                "eps_lower_bound")
+# LiRA's per-example Gaussian fits need at least two "in" and two "out" shadow models.
+_MIN_SHADOWS = 4
+_CURVATURE_DIRECTION = "lower"
+# Warnings Opacus raises on every run that say nothing about this experiment.
+_NOISY_WARNINGS = (
+    r"Secure RNG turned off",
+    r"Optimal order is the (largest|smallest) alpha",
+    r"Full backward hook is firing when gradients are computed with respect to module outputs",
+    r"Using a non-full backward hook",
+)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class ComparisonConfig:
+    """Everything one comparison depends on; the rows share all of it.
+
+    Args:
+        dataset: ``"digits"`` (scikit-learn's embedded copy, no files), ``"mnist"``,
+            ``"fashionmnist"`` or ``"cifar10"`` (read from ``data_dir``, never downloaded).
+        data_dir: torchvision root folder for the file datasets.
+        model: ``"mlp"``, ``"cnn"`` or ``"resnet18"`` (GroupNorm, per-example safe).
+        epochs: training epochs of every row and every shadow model.
+        batch_size: batch size (DP-SGD: the expected batch size of Poisson sampling).
+        lr: SGD learning rate, shared by every row.
+        momentum: SGD momentum.
+        seed: seeds the split, the initial weights, the data order, DP noise and the
+            attacks' random vectors.
+        max_examples: subsample at most this many rows of a large dataset (keeps CPU runs
+            short); None uses everything.
+        canaries: canaries planted (half in train, half in holdout); 0 for none.
+        canary_kind: ``"mislabel"`` or ``"ood"`` (see :mod:`gradguard.data`).
+        baseline: include the undefended row (needed by ``budget=pN`` specs).
+        epsilons: DP-SGD target ε, one row each.
+        delta: δ of every DP-SGD row and of the empirical ε lower bounds. Default 1e-5,
+            below 1/n for every dataset here (digits: n_train = 719, 1/n ≈ 1.4e-3).
+        max_grad_norm: DP-SGD per-example clipping norm C.
+        accountant: Opacus accountant (``"prv"``, ``"rdp"`` or ``"gdp"``).
+        drop: GNQ drop settings, one row each (see :func:`parse_policy_spec`).
+        clip: GNQ clip settings, one row each.
+        lam: GNQ ridge λ (absolute) of every guard.
+        n_shadows: LiRA shadow models (0 disables LiRA; otherwise at least 4).
+        attacks: attacks to run; None means all of :data:`ATTACKS` that are possible
+            (LiRA only with shadow models).
+        curvature_estimator: ``"zo"`` (black box), ``"fd"`` or ``"hutchinson"``.
+        curvature_vectors: random vectors per example of the curvature attack and probe.
+        curvature_float64: run the curvature attack on a float64 copy of the model (the
+            four-point differences of ``zo`` lose most digits in float32).
+        probes: curvature probes during each guarded run (0: none).
+        probe_examples: members and non-members per probe.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``"auto"``.
+        out_dir: output directory.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "mlp"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    seed: int = 0
+    max_examples: int | None = None
+    canaries: int = 20
+    canary_kind: str = "mislabel"
+    baseline: bool = True
+    epsilons: tuple[float, ...] = (1.0, 4.0, 8.0)
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    drop: tuple[str, ...] = ("q=0.9", "q=0.75", "budget=p90")
+    clip: tuple[str, ...] = ("q=0.5",)
+    lam: float = 1e-2
+    n_shadows: int = 16
+    attacks: tuple[str, ...] | None = None
+    curvature_estimator: str = "zo"
+    curvature_vectors: int = 10
+    curvature_float64: bool = True
+    probes: int = 10
+    probe_examples: int = 128
+    device: str = "cpu"
+    out_dir: str = "runs/compare"
+
+    def __post_init__(self) -> None:
+        self.epsilons = tuple(float(e) for e in self.epsilons)
+        self.drop = tuple(self.drop)
+        self.clip = tuple(self.clip)
+        if self.attacks is not None:
+            self.attacks = tuple(self.attacks)
+
+    def validate(self) -> None:
+        """Check every setting; raise a ValueError that names the fix.
+
+        Raises:
+            ValueError: a setting out of range or inconsistent with another.
+            TypeError: a setting of the wrong type.
+        """
+        from gradguard.data import CANARY_KINDS, DATASET_NAMES
+        from gradguard.models import MODEL_NAMES
+
+        key = str(self.dataset).lower().replace("-", "").replace("_", "")
+        if key not in DATASET_NAMES:
+            raise ValueError(f"dataset must be one of {', '.join(DATASET_NAMES)}, got "
+                             f"{self.dataset!r}")
+        if key != "digits" and self.data_dir is None:
+            raise ValueError(f"dataset {self.dataset!r} is read from files: set data_dir "
+                             "(--data-dir DIR, the torchvision root folder); 'digits' needs "
+                             "no files")
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
+        for name in ("epochs", "batch_size", "curvature_vectors", "probe_examples"):
+            _require_int(getattr(self, name), name, minimum=1)
+        for name in ("canaries", "probes", "n_shadows", "seed"):
+            _require_int(getattr(self, name), name, minimum=0)
+        if self.max_examples is not None:
+            _require_int(self.max_examples, "max_examples", minimum=2)
+        for name in ("lr", "max_grad_norm", "lam"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not _is_number(self.delta) or not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), e.g. 1e-5, got {self.delta!r}")
+        for eps in self.epsilons:
+            if not math.isfinite(eps) or eps <= 0:
+                raise ValueError(f"every DP-SGD target epsilon must be a finite number > 0, "
+                                 f"got {eps!r}")
+        if self.accountant not in ("prv", "rdp", "gdp"):
+            raise ValueError(f"accountant must be 'prv', 'rdp' or 'gdp', got {self.accountant!r}")
+        if self.canary_kind not in CANARY_KINDS:
+            raise ValueError(f"canary_kind must be one of {CANARY_KINDS}, got "
+                             f"{self.canary_kind!r}")
+        if 0 < self.n_shadows < _MIN_SHADOWS:
+            raise ValueError(f"n_shadows must be 0 (no LiRA) or at least {_MIN_SHADOWS}: LiRA "
+                             f"fits each example's in/out confidences from at least two shadow "
+                             f"models each; got {self.n_shadows}")
+        if self.attacks is not None:
+            unknown = [a for a in self.attacks if a not in ATTACKS]
+            if unknown:
+                raise ValueError(f"unknown attack(s) {unknown}: choose from {', '.join(ATTACKS)}")
+            if not self.attacks:
+                raise ValueError("attacks is empty: name at least one of " + ", ".join(ATTACKS))
+            if self.n_shadows == 0 and any(a in _LIRA for a in self.attacks):
+                raise ValueError("LiRA attacks need shadow models: set n_shadows >= "
+                                 f"{_MIN_SHADOWS} or drop {', '.join(_LIRA)} from attacks")
+        if self.curvature_estimator not in ("zo", "fd", "hutchinson"):
+            raise ValueError(f"curvature_estimator must be 'zo', 'fd' or 'hutchinson', got "
+                             f"{self.curvature_estimator!r}")
+        _resolve_device(self.device)
+        specs = row_specs(self)  # parses every drop/clip spec
+        if not specs:
+            raise ValueError("the comparison has no rows: enable the baseline or give "
+                             "epsilons, drop or clip settings")
+        if any(s.budget_percentile is not None for s in specs) and not self.baseline:
+            raise ValueError("budget=pN sets the budget from the undefended run's ledger: "
+                             "keep the baseline row, or give the budget in nats (budget=20)")
+        slugs = [s.slug for s in specs]
+        if len(set(slugs)) != len(slugs):
+            raise ValueError(f"two rows have the same settings: {slugs}; remove the duplicate")
+
+    def resolved_attacks(self) -> tuple[str, ...]:
+        """The attacks that will run: :attr:`attacks`, or all possible ones."""
+        if self.attacks is not None:
+            return tuple(a for a in ATTACKS if a in self.attacks)
+        return tuple(a for a in ATTACKS if self.n_shadows > 0 or a not in _LIRA)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy of the settings."""
+        out = dataclasses.asdict(self)
+        out["attacks"] = list(self.resolved_attacks())
+        return out
+
+
+def demo_config(out_dir: str = "runs/demo", **overrides: Any) -> ComparisonConfig:
+    """The ``gradguard demo`` preset: a small comparison on the embedded digits.
+
+    Rows: no defence, DP-SGD at ε = 8 (δ = 1e-5), GNQ drop at ``Quantile(0.9)`` (each
+    step drops examples above the 90th percentile of the last 50 steps' GNQ) and GNQ drop
+    with a cumulative budget at the 90th percentile of the undefended run's final bounds;
+    8 LiRA shadow models (the full comparison uses 16).
+    The settings were fixed before looking at any results, from what they mean (censor the
+    most unique tenth), not tuned on the attack numbers.
+
+    Args:
+        out_dir: output directory.
+        **overrides: any other :class:`ComparisonConfig` field.
+
+    Returns:
+        The configuration.
+    """
+    settings: dict[str, Any] = dict(epsilons=(8.0,), drop=("q=0.9", "budget=p90"), clip=(),
+                                    n_shadows=8, probes=5, out_dir=out_dir)
+    settings.update(overrides)
+    return ComparisonConfig(**settings)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One defence setting of the comparison.
+
+    Attributes:
+        defence: ``"none"``, ``"dp-sgd"``, ``"gnq-drop"`` or ``"gnq-clip"``.
+        name: display name, e.g. ``"gnq-drop q=0.9"``.
+        slug: file-system-safe name of the row's TensorBoard run.
+        epsilon: DP-SGD target ε.
+        threshold: a GNQ value, a :class:`~gradguard.policies.Quantile` or None.
+        budget: cumulative budget in nats, or None.
+        budget_percentile: the budget is this percentile of the undefended run's final
+            bounds (resolved when the baseline has run).
+        setting: the spec as given (``"q=0.9,budget=20"``).
+    """
+
+    defence: str
+    name: str
+    slug: str
+    epsilon: float | None = None
+    threshold: Any = None
+    budget: float | None = None
+    budget_percentile: float | None = None
+    setting: str = ""
+
+    @property
+    def policy(self) -> str:
+        return {"gnq-drop": "drop", "gnq-clip": "clip"}.get(self.defence, "monitor")
+
+
+def parse_policy_spec(spec: str) -> dict[str, Any]:
+    """Parse a GNQ policy setting such as ``"q=0.9"`` or ``"budget=p90"``.
+
+    Comma-separated ``key=value`` pairs:
+
+    - ``q=Q``: threshold τ = the Q-quantile (0 < Q < 1) of the run's recent GNQ values
+      (``window=W`` steps, default 50);
+    - ``tau=T``: absolute GNQ threshold T > 0;
+    - ``budget=B``: cumulative disclosure budget of B > 0 nats per example;
+    - ``budget=pP``: budget = the P-th percentile (0 < P <= 100) of the undefended run's
+      final per-example bounds (a training-time quantity; no test data involved).
+
+    Args:
+        spec: the setting.
+
+    Returns:
+        ``{"threshold": float | Quantile | None, "budget": float | None,
+        "budget_percentile": float | None}``.
+
+    Raises:
+        ValueError: an unknown key, a bad value, or neither a threshold nor a budget.
+
+    Example:
+        >>> parse_policy_spec("q=0.9,budget=20")["budget"]
+        20.0
+    """
+    from gradguard.policies import Quantile
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a GNQ policy setting must be a non-empty string such as 'q=0.9', "
+                         f"'tau=100', 'budget=20' or 'budget=p90', got {spec!r}")
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        key, sep, value = part.strip().partition("=")
+        key = key.strip().lower()
+        if not sep or not value.strip():
+            raise ValueError(f"bad GNQ policy setting {spec!r}: each part must be key=value "
+                             "(keys q, window, tau, budget), e.g. 'q=0.9' or 'budget=p90'")
+        if key not in ("q", "window", "tau", "budget"):
+            raise ValueError(f"unknown key {key!r} in GNQ policy setting {spec!r}: use q "
+                             "(quantile threshold), window, tau (absolute threshold) or budget")
+        if key in fields:
+            raise ValueError(f"{key!r} given twice in GNQ policy setting {spec!r}")
+        fields[key] = value.strip()
+    if "q" in fields and "tau" in fields:
+        raise ValueError(f"GNQ policy setting {spec!r} has both q and tau: choose one threshold")
+    if "window" in fields and "q" not in fields:
+        raise ValueError(f"window only applies to a quantile threshold (q=...), in {spec!r}")
+    threshold: Any = None
+    if "q" in fields:
+        q = _spec_float(fields["q"], "q", spec)
+        if not 0 < q < 1:
+            raise ValueError(f"q must be in (0, 1) (a quantile), got {q} in {spec!r}")
+        window = 50
+        if "window" in fields:
+            try:
+                window = int(fields["window"])
+            except ValueError:
+                raise ValueError(f"window must be an integer number of steps, got "
+                                 f"{fields['window']!r} in {spec!r}") from None
+            if window < 1:
+                raise ValueError(f"window must be >= 1 step, got {window} in {spec!r}")
+        threshold = Quantile(q, window=window)
+    elif "tau" in fields:
+        threshold = _spec_float(fields["tau"], "tau", spec)
+        if not threshold > 0 or not math.isfinite(threshold):
+            raise ValueError(f"tau must be a finite GNQ value > 0, got {threshold} in {spec!r}")
+    budget = percentile = None
+    if "budget" in fields:
+        text = fields["budget"]
+        if text.lower().startswith("p"):
+            percentile = _spec_float(text[1:], "budget percentile", spec)
+            if not 0 < percentile <= 100:
+                raise ValueError(f"budget=pP needs 0 < P <= 100, got {text!r} in {spec!r}")
+        else:
+            budget = _spec_float(text, "budget", spec)
+            if not budget > 0 or not math.isfinite(budget):
+                raise ValueError(f"budget must be a finite number of nats > 0, got {budget} "
+                                 f"in {spec!r}")
+    if threshold is None and budget is None and percentile is None:
+        raise ValueError(f"GNQ policy setting {spec!r} sets neither a threshold (q=, tau=) "
+                         "nor a budget (budget=)")
+    return {"threshold": threshold, "budget": budget, "budget_percentile": percentile}
+
+
+def row_specs(config: ComparisonConfig) -> list[RowSpec]:
+    """The rows of a comparison, in order: baseline, DP-SGD, GNQ drop, GNQ clip.
+
+    Raises:
+        ValueError: an unparseable drop/clip setting.
+    """
+    rows: list[RowSpec] = []
+    if config.baseline:
+        rows.append(RowSpec(defence="none", name="no defence", slug="none"))
+    for eps in config.epsilons:
+        rows.append(RowSpec(defence="dp-sgd", name=f"dp-sgd ε={eps:g}", slug=f"dpsgd_eps{eps:g}",
+                            epsilon=float(eps), setting=f"eps={eps:g}"))
+    for defence, specs in (("gnq-drop", config.drop), ("gnq-clip", config.clip)):
+        for spec in specs:
+            parsed = parse_policy_spec(spec)
+            canonical = ",".join(p.strip() for p in spec.split(","))
+            rows.append(RowSpec(defence=defence, name=f"{defence} {canonical}",
+                                slug=f"{defence.split('-')[1]}_{_slugify(canonical)}",
+                                setting=canonical, **parsed))
+    return rows
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A dependency-free progress line on stderr.
+
+    On a terminal it redraws one line (bar, percentage, current stage, elapsed time and
+    an estimate of what is left); otherwise it prints one line per stage.
+
+    Args:
+        total: units of work (epochs and attack passes).
+        enabled: False makes every call a no-op.
+        stream: where to write (default ``sys.stderr``).
+    """
+
+    def __init__(self, total: int, *, enabled: bool = True, stream: TextIO | None = None):
+        self.total = max(1, int(total))
+        self.done = 0
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.stage_text = ""
+        self.start = time.perf_counter()
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._width = 0
+
+    def stage(self, text: str) -> None:
+        """Start a named stage of the work."""
+        self.stage_text = text
+        if not self.enabled:
+            return
+        if self._tty:
+            self._draw()
+        else:
+            print(f"[{self._percent():3d}%] {_clock(self._elapsed())} {text}", file=self.stream,
+                  flush=True)
+
+    def advance(self, units: int = 1, detail: str | None = None) -> None:
+        """Count ``units`` of work as done; ``detail`` refines the current stage."""
+        self.done = min(self.total, self.done + units)
+        if self.enabled and self._tty:
+            self._draw(detail)
+
+    def close(self) -> None:
+        """Finish the line."""
+        if self.enabled and self._tty and self._width:
+            print(file=self.stream, flush=True)
+            self._width = 0
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def _percent(self) -> int:
+        return int(100 * self.done / self.total)
+
+    def _draw(self, detail: str | None = None) -> None:
+        elapsed = self._elapsed()
+        filled = int(24 * self.done / self.total)
+        bar = "#" * filled + "." * (24 - filled)
+        left = ""
+        if 0 < self.done < self.total:
+            left = f", ~{_clock(elapsed * (self.total - self.done) / self.done)} left"
+        text = self.stage_text + (f": {detail}" if detail else "")
+        line = f"\r[{bar}] {self._percent():3d}% {_clock(elapsed)}{left} | {text}"
+        pad = max(0, self._width - len(line))
+        self.stream.write(line + " " * pad)
+        self.stream.flush()
+        self._width = len(line)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class ShadowSet:
+    """LiRA shadow models' confidences on the population train ∪ holdout.
+
+    Attributes:
+        confidences: ``[S, N]`` logit-scaled confidences (members first, then holdout).
+        in_mask: ``[S, N]`` bool, True where shadow s trained on example n.
+        seconds: time spent training and scoring them.
+    """
+
+    confidences: torch.Tensor
+    in_mask: torch.Tensor
+    seconds: float
+
+
+@dataclass
+class _RowOutput:
+    metrics: dict[str, Any]
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    bounds: np.ndarray | None = None
+
+
+def _resolve_device(device: str) -> torch.device:
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as 'cpu', 'cuda' or 'auto', got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")\
+            from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for CUDA but torch sees no GPU: use "
+                         "--device cpu (or auto)")
+    return resolved
+
+
+def _loader(dataset: TensorDataset, batch_size: int, seed: int) -> DataLoader:
+    # Same seed, same order: every non-DP row sees the batches in the same sequence.
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside Opacus' GradSampleModule (or the model itself)."""
+    return getattr(model, "_module", model)
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, dataset: TensorDataset, device: torch.device,
+              limit: int | None = None, batch_size: int = 512) -> float:
+    x, y = dataset.tensors
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    if x.shape[0] == 0:
+        return math.nan
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size].to(device)
+        yb = y[start:start + batch_size].to(device)
+        correct += (model(xb).argmax(1) == yb).sum()
+    model.train(was_training)
+    return float(correct) / x.shape[0]
+
+
+def _fit(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *, epochs: int,
+         device: torch.device, on_epoch: Callable[[int, float], None] | None = None,
+         progress: Progress | None = None) -> None:
+    """The one training loop of every row and shadow: mean cross-entropy, one step a batch."""
+    for epoch in range(epochs):
+        model.train()
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        for x, y in loader:
+            if x.shape[0] == 0:
+                # Poisson sampling can draw an empty batch; skipping it releases nothing.
+                continue
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * x.shape[0]
+            seen += x.shape[0]
+        if on_epoch is not None:
+            on_epoch(epoch, float(total) / max(seen, 1))
+        if progress is not None:
+            progress.advance(detail=f"epoch {epoch + 1}/{epochs}")
+
+
+def _load_split(config: ComparisonConfig):
+    from gradguard.data import load_dataset
+
+    return load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed,
+                        canaries=config.canaries, canary_kind=config.canary_kind,
+                        max_examples=config.max_examples)
+
+
+def _population(split) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """train ∪ holdout, members first: the attacks' targets and LiRA's population."""
+    xt, yt = split.train.tensors
+    xh, yh = split.holdout.tensors
+    return torch.cat([xt, xh]), torch.cat([yt, yh]), xt.shape[0]
+
+
+def train_shadows(split, config: ComparisonConfig, *, device: torch.device | None = None,
+                  progress: Progress | None = None) -> ShadowSet | None:
+    """Train LiRA's shadow models on random halves of train ∪ holdout (no defence).
+
+    Each example is in exactly half of the shadows (:func:`~gradguard.audit.attacks.
+    shadow_masks`); each shadow uses the target's recipe (model, epochs, batch size,
+    optimizer) with its own initial weights and data order.
+
+    Args:
+        split: the :class:`~gradguard.data.MembershipSplit`.
+        config: the comparison's settings (``n_shadows`` of them; 0 returns None).
+        device: where to train (default: ``config.device``).
+        progress: optional progress line.
+
+    Returns:
+        The shadows' confidences and masks, or None without shadows.
+    """
+    from gradguard.audit.attacks import logit_confidence, shadow_masks
+    from gradguard.models import make_model
+
+    if config.n_shadows == 0:
+        return None
+    device = device or _resolve_device(config.device)
+    start = time.perf_counter()
+    x, y, _ = _population(split)
+    masks = shadow_masks(x.shape[0], config.n_shadows,
+                         generator=torch.Generator().manual_seed(config.seed + 2))
+    confidences = []
+    for s in range(config.n_shadows):
+        if progress is not None:
+            progress.stage(f"LiRA shadow model {s + 1}/{config.n_shadows}")
+        shadow_seed = config.seed + 1000 + s
+        model = make_model(config.model, split.input_shape, split.num_classes,
+                           seed=shadow_seed).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+        members = masks[s]
+        data = TensorDataset(x[members], y[members])
+        _fit(model, _loader(data, config.batch_size, shadow_seed), optimizer,
+             epochs=config.epochs, device=device, progress=progress)
+        confidences.append(logit_confidence(model, x, y).detach().to("cpu", torch.float64))
+    return ShadowSet(torch.stack(confidences), masks.cpu(), time.perf_counter() - start)
+
+
+def run_row(spec: RowSpec, split, config: ComparisonConfig, *,
+            shadows: ShadowSet | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Train one defence setting, attack it, and return its flat result row.
+
+    Args:
+        spec: the row (see :func:`row_specs`); a ``budget=pN`` setting must already be
+            resolved to nats (``dataclasses.replace(spec, budget=...)``).
+        split: the :class:`~gradguard.data.MembershipSplit` every row shares.
+        config: the comparison's settings.
+        shadows: LiRA shadows from :func:`train_shadows` (needed for the LiRA attacks).
+        progress: optional progress line.
+
+    Returns:
+        A flat dict of plain values: accuracy, per-attack membership metrics, canary
+        exposure, GNQ statistics and timings (see :func:`run_comparison`).
+    """
+    return _run_row(spec, split, config, shadows=shadows, progress=progress).metrics
+
+
+def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowSet | None,
+             progress: Progress | None) -> _RowOutput:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gradguard.curvature.probe import CurvatureProbe
+    from gradguard.engine import GradGuard
+    from gradguard.models import make_model
+
+    if spec.budget_percentile is not None and spec.budget is None:
+        raise ValueError(f"row {spec.name!r}: resolve budget=p{spec.budget_percentile:g} to "
+                         "nats first (run_comparison does it from the baseline's ledger)")
+    device = _resolve_device(config.device)
+    attacks = config.resolved_attacks()
+    if shadows is None and any(a in _LIRA for a in attacks):
+        raise ValueError("the LiRA attacks need shadow models: pass shadows=train_shadows(...)")
+    run_dir = Path(config.out_dir) / "tb" / spec.slug
+    wall_start = time.perf_counter()
+    if progress is not None:
+        progress.stage(f"training {spec.name}")
+
+    model = make_model(config.model, split.input_shape, split.num_classes,
+                       seed=config.seed).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    loader = _loader(split.train, config.batch_size, config.seed)
+    steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
+    privacy_engine = None
+    row: dict[str, Any] = {"name": spec.name, "defence": spec.defence, "setting": spec.setting,
+                           "eps_target": spec.epsilon, "eps_spent": None, "delta": None,
+                           "noise_multiplier": None, "max_grad_norm": None,
+                           "threshold": None if spec.threshold is None else str(spec.threshold),
+                           "budget_nats": spec.budget}
+    with warnings.catch_warnings():
+        for message in _NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        if spec.defence == "dp-sgd":
+            from opacus import PrivacyEngine
+
+            privacy_engine = PrivacyEngine(accountant=config.accountant)
+            noise = torch.Generator(device=device).manual_seed(config.seed + 1)
+            model, optimizer, loader = privacy_engine.make_private_with_epsilon(
+                module=model, optimizer=optimizer, data_loader=loader,
+                target_epsilon=spec.epsilon, target_delta=config.delta, epochs=config.epochs,
+                max_grad_norm=config.max_grad_norm, grad_sample_mode="hooks",
+                noise_generator=noise)
+            row.update(delta=config.delta, noise_multiplier=float(optimizer.noise_multiplier),
+                       max_grad_norm=config.max_grad_norm)
+        probe = None
+        if config.probes > 0:
+            total_steps = steps_per_epoch * config.epochs
+            probe = CurvatureProbe(split.train, split.holdout,
+                                   every=max(1, total_steps // config.probes),
+                                   n_examples=config.probe_examples,
+                                   estimator=config.curvature_estimator,
+                                   n_vectors=config.curvature_vectors, seed=config.seed,
+                                   direction=_CURVATURE_DIRECTION)
+        guard = GradGuard(policy=spec.policy, lam=config.lam, threshold=spec.threshold,
+                          budget=spec.budget, log_dir=str(run_dir), curvature=probe,
+                          num_examples=len(split.train),
+                          log_every=max(1, min(10, steps_per_epoch)))
+        model, optimizer, loader = guard.make_guarded(module=model, optimizer=optimizer,
+                                                      data_loader=loader)
+        # A second writer into the same directory: TensorBoard shows it as the same run, so
+        # accuracy and attack results overlay across rows next to the guard's own tags.
+        writer = SummaryWriter(log_dir=str(run_dir), filename_suffix=".compare")
+        plain = _unwrap(model)
+        eval_limit = 2000  # per-epoch curve on a fixed slice; the final number uses all
+
+        def on_epoch(epoch: int, train_loss: float) -> None:
+            writer.add_scalar("compare/train_loss", train_loss, guard.step)
+            writer.add_scalar("compare/test_accuracy",
+                              _accuracy(plain, split.test, device, limit=eval_limit), guard.step)
+
+        train_start = time.perf_counter()
+        try:
+            _fit(model, loader, optimizer, epochs=config.epochs, device=device,
+                 on_epoch=on_epoch, progress=progress)
+        except BaseException:
+            writer.close()
+            raise
+        finally:
+            guard.close()
+        train_seconds = time.perf_counter() - train_start
+        if privacy_engine is not None:
+            row["eps_spent"] = float(privacy_engine.get_epsilon(config.delta))
+    try:
+        scores, bounds = _evaluate_row(row, plain, guard, split, config, attacks, shadows,
+                                       device, progress)
+        row.update(train_seconds=train_seconds, guard_seconds=guard.guard_seconds,
+                   probe_seconds=guard.probe_seconds,
+                   wall_seconds=time.perf_counter() - wall_start, run_dir=str(run_dir))
+        _log_row(writer, row, attacks, guard.step)
+    finally:
+        writer.close()
+    return _RowOutput(metrics=row, scores=scores, bounds=bounds)
+
+
+def _evaluate_row(row: dict[str, Any], plain: nn.Module, guard, split, config: ComparisonConfig,
+                  attacks: Sequence[str], shadows: ShadowSet | None, device: torch.device,
+                  progress: Progress | None,
+                  ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Accuracy, attacks, canary exposure and GNQ statistics of a trained row."""
+    row["test_accuracy"] = _accuracy(plain, split.test, device)
+    row["train_accuracy"] = _accuracy(plain, split.train, device)
+
+    if progress is not None:
+        progress.stage(f"attacking {row['name']}")
+    attack_start = time.perf_counter()
+    scores = _attack_scores(plain, split, config, attacks, shadows, device)
+    attack_seconds = time.perf_counter() - attack_start
+    if progress is not None:
+        progress.advance(detail="attacks done")
+
+    _add_attack_metrics(row, scores, split, config)
+    _add_canary_metrics(row, plain, split, scores, device)
+    bounds = _add_guard_metrics(row, guard, split)
+    row["attack_seconds"] = attack_seconds
+    return scores, bounds
+
+
+def _log_row(writer, row: Mapping[str, Any], attacks: Sequence[str], step: int) -> None:
+    """The row's results as ``compare/*`` scalars at its last step, for overlays."""
+    for key in ("test_accuracy", "train_accuracy", "best_auc", "best_tpr_at_1pct_fpr",
+                "best_eps_lower_bound"):
+        if _finite(row.get(key)):
+            writer.add_scalar(f"compare/{key}", row[key], step)
+    for attack in attacks:
+        for metric in ("auc", "tpr_at_1pct_fpr"):
+            writer.add_scalar(f"compare/{attack}/{metric}", row[f"{attack}_{metric}"], step)
+    if row.get("eps_spent") is not None:
+        writer.add_scalar("compare/dp_epsilon", row["eps_spent"], step)
+    writer.add_text("compare/row", _row_text(row), step)
+
+
+def _attack_scores(model: nn.Module, split, config: ComparisonConfig, attacks: Sequence[str],
+                   shadows: ShadowSet | None,
+                   device: torch.device) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per attack: (member scores, non-member scores), higher = member."""
+    from gradguard.audit.attacks import (
+        curvature_attack,
+        lira_offline,
+        lira_online,
+        logit_confidence,
+        loss_attack_scores,
+    )
+
+    x, y, n_members = _population(split)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def store(name: str, values: torch.Tensor) -> None:
+        values = values.detach().to("cpu", torch.float64).numpy()
+        out[name] = (values[:n_members], values[n_members:])
+
+    if "loss" in attacks:
+        store("loss", loss_attack_scores(model, x, y))
+    if "curvature" in attacks:
+        target = model
+        inputs = x
+        if config.curvature_float64:
+            target = copy.deepcopy(model).to(torch.float64)
+            inputs = x.to(torch.float64)
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+        store("curvature", curvature_attack(
+            target, inputs.to(device), y.to(device), estimator=config.curvature_estimator,
+            n_vectors=config.curvature_vectors, generator=generator,
+            direction=_CURVATURE_DIRECTION, batch_size=256))
+    if any(a in _LIRA for a in attacks):
+        target_conf = logit_confidence(model, x, y).detach().to("cpu", torch.float64)
+        if "lira_online" in attacks:
+            store("lira_online", lira_online(target_conf, shadows.confidences, shadows.in_mask))
+        if "lira_offline" in attacks:
+            store("lira_offline", lira_offline(target_conf, shadows.confidences,
+                                               in_mask=shadows.in_mask))
+    return out
+
+
+def _add_attack_metrics(row: dict[str, Any], scores: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                        split, config: ComparisonConfig) -> None:
+    from gradguard.audit.metrics import mia_metrics
+
+    best: dict[str, tuple[float, str]] = {}
+    for attack, (members, nonmembers) in scores.items():
+        metrics = mia_metrics(members, nonmembers, delta=config.delta)
+        for key in _METRIC_KEYS:
+            row[f"{attack}_{key}"] = metrics[key]
+        row["eps_lb_confidence"] = metrics["eps_confidence"]
+        for key in ("auc", "tpr_at_1pct_fpr", "eps_lower_bound", "advantage"):
+            if key not in best or metrics[key] > best[key][0]:
+                best[key] = (metrics[key], attack)
+    for key, (value, attack) in best.items():
+        row[f"best_{key}"] = value
+        row[f"best_{key}_attack"] = attack
+
+
+def _add_canary_metrics(row: dict[str, Any], model: nn.Module, split,
+                        scores: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                        device: torch.device) -> None:
+    """Exposure of the planted canaries: members' canaries against the holdout's."""
+    from gradguard.audit.attacks import per_example_loss
+    from gradguard.audit.metrics import roc_auc
+
+    member_mask = split.train_canary_mask.numpy()
+    holdout_mask = split.holdout_canary_mask.numpy()
+    row["canaries_members"] = int(member_mask.sum())
+    row["canaries_holdout"] = int(holdout_mask.sum())
+    keys = [f"canary_{a}_auc" for a in scores] + [
+        "canary_best_auc", "canary_loss_gap", "canary_fit_members", "canary_fit_holdout"]
+    if not member_mask.any() or not holdout_mask.any():
+        row.update(dict.fromkeys(keys))
+        return
+    for attack, (members, nonmembers) in scores.items():
+        row[f"canary_{attack}_auc"] = roc_auc(members[member_mask], nonmembers[holdout_mask])
+    row["canary_best_auc"] = max(row[f"canary_{a}_auc"] for a in scores)
+    xt, yt = split.train.tensors
+    xh, yh = split.holdout.tensors
+    member_idx = torch.nonzero(split.train_canary_mask).flatten()
+    holdout_idx = torch.nonzero(split.holdout_canary_mask).flatten()
+    loss_m = per_example_loss(model, xt[member_idx], yt[member_idx]).double().mean()
+    loss_h = per_example_loss(model, xh[holdout_idx], yh[holdout_idx]).double().mean()
+    # Mean loss of unseen canaries minus that of trained-on ones: how much training on a
+    # canary lowered its loss (0 = not memorised at all).
+    row["canary_loss_gap"] = float(loss_h - loss_m)
+    # Fraction predicted with their planted (wrong / random) label: memorisation, directly.
+    row["canary_fit_members"] = _accuracy(model, TensorDataset(xt[member_idx], yt[member_idx]),
+                                          device)
+    row["canary_fit_holdout"] = _accuracy(model, TensorDataset(xh[holdout_idx], yh[holdout_idx]),
+                                          device)
+
+
+def _add_guard_metrics(row: dict[str, Any], guard, split) -> np.ndarray:
+    ledger = guard.ledger
+    summary = guard.summary()
+    bounds = ledger.cum_bound.detach().to("cpu", torch.float64).numpy()
+    seen = ledger.steps_seen.detach().cpu().numpy() > 0
+    top = ledger.top(10, by="cum_bound")
+    mask = split.train_canary_mask.numpy()
+    k = int(mask.sum())
+    canaries_in_top = None
+    if k:
+        # Of the k most-disclosing examples, how many are the k member canaries.
+        order = np.argsort(-np.where(seen, bounds, -np.inf), kind="stable")[:k]
+        canaries_in_top = int(mask[order].sum())
+    probe_auc = None
+    if guard.curvature is not None and guard.curvature.history:
+        probe_auc = guard.curvature.history[-1]["auc"]
+    row.update(
+        gnq_max=summary["max_gnq"], gnq_max_bound=summary["max_bound"],
+        gnq_mean_bound=summary["mean_bound"],
+        gnq_mean_bound_canaries=float(bounds[mask].mean()) if k else None,
+        canaries_in_top_bound=canaries_in_top,
+        dropped_total=summary["dropped_total"], clipped_total=summary["clipped_total"],
+        censored_total=summary["censored_total"], steps=summary["step"],
+        top_indices=[int(r["index"]) for r in top],
+        top_bounds=[float(r["cum_bound"]) for r in top],
+        probe_auc_last=probe_auc,
+    )
+    return bounds[seen]
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+def run_comparison(config: ComparisonConfig, *, progress: bool = True, overwrite: bool = False,
+                   stream: TextIO | None = None) -> list[dict[str, Any]]:
+    """Run every row of the comparison and write its outputs.
+
+    Writes into ``config.out_dir``:
+
+    - ``results.csv`` and ``results.json`` (settings, split sizes and canary indices, rows,
+      environment, notes), ``results.md`` (the table and notes);
+    - ``privacy_utility.png``: test accuracy against the strongest attack's TPR at 1% FPR
+      and AUC;
+    - ``roc_<attack>.png`` and ``roc_<attack>_log.png``: one curve per row;
+    - ``scores.npz``: every attack's member and non-member scores per row (numbers only);
+    - ``tb/<row>/``: one TensorBoard run per row (GradGuard's logs, ``summary.json`` and
+      ``gradguard_state.pt``, plus ``compare/*`` accuracy and attack scalars).
+
+    Args:
+        config: the settings (validated first).
+        progress: show a progress line on stderr.
+        overwrite: replace a previous comparison in ``config.out_dir`` (its result files
+            and its whole ``tb/`` folder, so TensorBoard shows no stale runs).
+        stream: where the progress line goes (default ``sys.stderr``).
+
+    Returns:
+        One flat dict per row, in table order.
+
+    Raises:
+        ValueError: invalid settings (before any training starts).
+        FileNotFoundError: a missing data directory or file.
+        FileExistsError: ``config.out_dir`` holds a previous comparison and ``overwrite`` is
+            False.
+    """
+    config.validate()
+    device = _resolve_device(config.device)
+    out = Path(config.out_dir)
+    specs = row_specs(config)
+    split = _load_split(config)  # fails on missing data before anything is written
+    _prepare_out_dir(out, overwrite=overwrite)
+    attacks = config.resolved_attacks()
+    bar = Progress(len(specs) * (config.epochs + 1) + config.n_shadows * config.epochs,
+                   enabled=progress, stream=stream)
+    start = time.perf_counter()
+    shadows = train_shadows(split, config, device=device, progress=bar)
+    outputs: list[_RowOutput] = []
+    baseline_bounds: np.ndarray | None = None
+    try:
+        for spec in specs:
+            if spec.budget_percentile is not None:
+                if baseline_bounds is None or baseline_bounds.size == 0:
+                    raise RuntimeError("the baseline row did not record any bounds to set "
+                                       f"{spec.setting!r} from")
+                budget = float(np.percentile(baseline_bounds, spec.budget_percentile))
+                spec = dataclasses.replace(spec, budget=budget)
+            output = _run_row(spec, split, config, shadows=shadows, progress=bar)
+            if spec.defence == "none":
+                baseline_bounds = output.bounds
+            outputs.append(output)
+    finally:
+        bar.close()
+    rows = [o.metrics for o in outputs]
+    total_seconds = time.perf_counter() - start
+    _write_outputs(out, config, split, rows, outputs, attacks, shadows, total_seconds)
+    return rows
+
+
+def run_repeated(config: ComparisonConfig, seeds: Sequence[int], *, progress: bool = True,
+                 overwrite: bool = False, stream: TextIO | None = None) -> list[dict[str, Any]]:
+    """Run the whole comparison once per seed and aggregate the rows: mean ± sd.
+
+    One seed differs from another in everything the seed drives: the split, the initial
+    weights, the data order, DP noise, the canaries and the attacks' random vectors. Single
+    runs on small data are noisy (test accuracy on 539 digits has a binomial standard error
+    of about 0.01), so differences between rows mean something only beside this spread.
+
+    With one seed this is :func:`run_comparison` with ``config.seed`` set. With several,
+    seed ``s`` writes a complete comparison to ``<out_dir>/seed_<s>/`` (TensorBoard:
+    ``tensorboard --logdir <out_dir>`` overlays every row of every seed), and
+    ``<out_dir>`` gets ``results_over_seeds.{csv,json,md}`` and
+    ``privacy_utility.png`` (seed means).
+
+    Args:
+        config: the settings; ``config.seed`` is replaced by each seed.
+        seeds: distinct seeds (ints >= 0).
+        progress: show a progress line on stderr.
+        overwrite: replace a previous comparison in ``config.out_dir``.
+        stream: where the progress line goes.
+
+    Returns:
+        One dict per row: every numeric column's mean over the seeds under its own name and
+        its sample standard deviation under ``<name>_sd``, plus ``n_seeds`` and ``seeds``.
+
+    Raises:
+        ValueError: bad seeds or settings.
+        FileExistsError: a previous comparison and ``overwrite`` False.
+    """
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds is empty: give at least one seed")
+    for seed in seeds:
+        _require_int(seed, "seed", minimum=0)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
+    if len(seeds) == 1:
+        return run_comparison(dataclasses.replace(config, seed=seeds[0]), progress=progress,
+                              overwrite=overwrite, stream=stream)
+    config.validate()
+    out = Path(config.out_dir)
+    _prepare_out_dir(out, overwrite=overwrite)
+    start = time.perf_counter()
+    per_seed: list[list[dict[str, Any]]] = []
+    for seed in seeds:
+        if progress:
+            print(f"seed {seed} ({len(per_seed) + 1}/{len(seeds)})", file=stream or sys.stderr,
+                  flush=True)
+        seed_config = dataclasses.replace(config, seed=seed, out_dir=str(out / f"seed_{seed}"))
+        per_seed.append(run_comparison(seed_config, progress=progress, stream=stream))
+    rows = aggregate_rows(per_seed)
+    for row in rows:
+        row["seeds"] = seeds
+    _write_summary(out, config, seeds, rows, time.perf_counter() - start)
+    return rows
+
+
+def aggregate_rows(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation of every numeric column, row by row.
+
+    Args:
+        per_seed: the rows of each seed's comparison, in the same row order.
+
+    Returns:
+        One dict per row: text columns from the first seed, numeric ones as the mean over
+        the seeds where they are finite, ``<key>_sd`` (ddof=1; None with one value) and
+        ``n_seeds``.
+
+    Raises:
+        ValueError: the seeds' comparisons have different rows.
+    """
+    names = [[r["name"] for r in rows] for rows in per_seed]
+    if any(n != names[0] for n in names):
+        raise ValueError(f"the seeds' comparisons have different rows: {names}")
+    out = []
+    for i, first in enumerate(per_seed[0]):
+        group = [rows[i] for rows in per_seed]
+        row: dict[str, Any] = {}
+        for key, value in first.items():
+            if key in ("name", "defence", "setting", "threshold") or not (
+                    _is_number(value) or value is None):
+                if isinstance(value, str) or value is None:
+                    row[key] = value
+                continue
+            values = [g.get(key) for g in group]
+            finite = [float(v) for v in values if _finite(v)]
+            row[key] = float(np.mean(finite)) if finite else None
+            row[f"{key}_sd"] = float(np.std(finite, ddof=1)) if len(finite) > 1 else None
+        row["name"] = first["name"]
+        row["n_seeds"] = len(group)
+        row.pop("run_dir", None)
+        out.append(row)
+    return out
+
+
+def _write_summary(out: Path, config: ComparisonConfig, seeds: Sequence[int],
+                   rows: list[dict[str, Any]], total_seconds: float) -> None:
+    from gradguard.audit.plots import plot_privacy_utility
+
+    device = _resolve_device(config.device)
+    seed_list = ", ".join(map(str, seeds))
+    notes = [f"Mean ± sample standard deviation over {len(seeds)} seeds ({seed_list}"
+             "); each seed redraws the split, the canaries, the initial weights, the data order, "
+             "DP noise and the attacks' random vectors. Per-seed results: seed_<s>/."]
+    first = _read_json(out / f"seed_{seeds[0]}" / "results.json")
+    notes += first.get("notes", [])
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(out / "results_over_seeds.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    doc = {"config": {**config.to_dict(), "seed": None}, "seeds": list(seeds),
+           "rows": [_json_row(r) for r in rows], "attacks": first.get("attacks", []),
+           "environment": _environment(device), "total_seconds": total_seconds,
+           "notes": notes, "per_seed": [f"seed_{s}" for s in seeds]}
+    with open(out / "results_over_seeds.json", "w") as f:
+        json.dump(doc, f, indent=2, allow_nan=False)
+    with open(out / "results_over_seeds.md", "w") as f:
+        f.write(markdown_table(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    plot_privacy_utility(
+        [{"name": r["name"], "test_accuracy": r["test_accuracy"], "auc": r["best_auc"],
+          "tpr_at_1pct_fpr": r["best_tpr_at_1pct_fpr"]} for r in rows],
+        out / "privacy_utility.png",
+        title=f"Privacy vs utility, mean of {len(seeds)} seeds: strongest attack per row")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+_OUTPUT_GLOBS = ("results.csv", "results.json", "results.md", "results_over_seeds.*",
+                 "privacy_utility.png", "roc_*.png", "scores.npz", "report.md",
+                 "report.html")
+_OUTPUT_DIRS = ("tb", "report_files", "seed_*")
+
+
+def _prepare_out_dir(out: Path, *, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output path {str(out)!r} exists and is not a directory")
+    previous = out.is_dir() and (
+        any((out / name).exists() for name in ("results.json", "results_over_seeds.json", "tb"))
+        or any(p.is_dir() for p in out.glob("seed_*")))
+    if previous and not overwrite:
+        raise FileExistsError(
+            f"{str(out)!r} already holds a comparison (results.json, results_over_seeds.json, "
+            "tb/ or seed_*/): pass --overwrite (overwrite=True) to replace it, or choose another "
+            "output directory (--out)")
+    if previous:
+        import shutil
+
+        for pattern in _OUTPUT_DIRS:
+            for path in out.glob(pattern):
+                if path.is_dir():
+                    shutil.rmtree(path)
+        for pattern in _OUTPUT_GLOBS:
+            for path in out.glob(pattern):
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    import opacus
+
+    env = {"python": platform.python_version(), "platform": platform.platform(),
+           "torch": torch.__version__, "opacus": opacus.__version__, "numpy": np.__version__,
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "device": str(device)}
+    try:
+        from gradguard import __version__
+
+        env["gradguard"] = __version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _notes(config: ComparisonConfig, split) -> list[str]:
+    from gradguard.ledger import BOUND_ASSUMPTIONS
+
+    n = len(split.train)
+    return [
+        f"Every row: {config.model} from the same initial weights (seed {config.seed}), "
+        f"{config.epochs} epochs, batch {config.batch_size}, SGD lr {config.lr:g} momentum "
+        f"{config.momentum:g}, on the same split ({n} members, {len(split.holdout)} holdout "
+        f"non-members, {len(split.test)} test) of {split.name}.",
+        f"DP-SGD: Opacus make_private_with_epsilon, Poisson sampling, clipping norm "
+        f"C={config.max_grad_norm:g}, δ={config.delta:g} (1/n = {1 / n:.2g}); 'DP ε' is the "
+        f"{config.accountant} accountant's ε spent at that δ.",
+        "Attacks score members (training set) against non-members (holdout); higher = member. "
+        "loss: −loss. curv.: input-loss curvature "
+        f"({config.curvature_estimator} estimator, {config.curvature_vectors} vectors), "
+        "direction stated in advance: lower curvature = member. LiRA: "
+        f"{config.n_shadows} shadow models on random halves of train ∪ holdout, same recipe, "
+        "no defence; online and offline, global variance.",
+        "best = the maximum over attacks, taken for each metric separately. ε_lb: empirical ε "
+        f"lower bound at δ={config.delta:g}, 95% confidence (Clopper–Pearson, Bonferroni over "
+        "thresholds); it treats the examples as independent draws from one trained model, so "
+        "it is an audit statistic of this model, not a certificate about the algorithm.",
+        f"Canaries: {split.num_canaries} '{split.canary_kind}' canaries, half trained on. "
+        "canary AUC = the largest attack AUC on member against holdout canaries; fit = share "
+        "predicted with their planted label (members/holdout).",
+        "GNQ: GradGuard attached to every row (monitor for none and DP-SGD, where it reads the "
+        "per-example gradients before DP clipping and noise). max bound = largest per-example "
+        f"cumulative bound in nats. {BOUND_ASSUMPTIONS}",
+    ]
+
+
+def _write_outputs(out: Path, config: ComparisonConfig, split, rows: list[dict[str, Any]],
+                   outputs: list[_RowOutput], attacks: Sequence[str],
+                   shadows: ShadowSet | None, total_seconds: float) -> None:
+    from gradguard.audit.plots import plot_privacy_utility, plot_roc
+
+    device = _resolve_device(config.device)
+    notes = _notes(config, split)
+    split_info = split.summary()
+    split_info["train_canary_indices"] = torch.nonzero(split.train_canary_mask).flatten().tolist()
+    split_info["holdout_canary_indices"] = torch.nonzero(
+        split.holdout_canary_mask).flatten().tolist()
+    files = ["results.csv", "results.json", "results.md", "privacy_utility.png", "scores.npz"]
+    for attack in attacks:
+        files += [f"roc_{attack}.png", f"roc_{attack}_log.png"]
+
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    doc = {"config": config.to_dict(), "split": split_info, "rows": [_json_row(r) for r in rows],
+           "attacks": list(attacks), "environment": _environment(device),
+           "shadow_seconds": shadows.seconds if shadows is not None else 0.0,
+           "total_seconds": total_seconds, "notes": notes, "files": files}
+    with open(out / "results.json", "w") as f:
+        json.dump(doc, f, indent=2, allow_nan=False)
+    table = markdown_table(rows)
+    with open(out / "results.md", "w") as f:
+        f.write(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+
+    pu_rows = [{"name": r["name"], "test_accuracy": r["test_accuracy"],
+                "auc": r["best_auc"], "tpr_at_1pct_fpr": r["best_tpr_at_1pct_fpr"]}
+               for r in rows]
+    plot_privacy_utility(pu_rows, out / "privacy_utility.png",
+                         title="Privacy vs utility: strongest attack per row "
+                               "(up and left is better)")
+    arrays: dict[str, np.ndarray] = {}
+    for attack in attacks:
+        curves = {o.metrics["name"]: o.scores[attack] for o in outputs}
+        label = _ATTACK_LABELS[attack]
+        plot_roc(curves, out / f"roc_{attack}.png", title=f"{label} attack: ROC")
+        plot_roc(curves, out / f"roc_{attack}_log.png", log_scale=True,
+                 title=f"{label} attack: ROC (log-log)")
+        for o in outputs:
+            slug = Path(o.metrics["run_dir"]).name
+            arrays[f"{slug}__{attack}__members"] = o.scores[attack][0]
+            arrays[f"{slug}__{attack}__nonmembers"] = o.scores[attack][1]
+    np.savez(out / "scores.npz", **arrays)
+
+
+def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    # Strict JSON: NaN and inf become null.
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return {k: clean(v) for k, v in row.items()}
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return value
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if not _finite(value):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The comparison as a markdown table, one line per row.
+
+    Columns: defence, test accuracy, the accountant's DP ε, AUC of each attack that ran,
+    the strongest attack's TPR at 1% FPR and empirical ε lower bound, the canaries'
+    exposure, the GNQ ledger's largest bound, examples dropped/clipped, and wall time.
+    Rows aggregated over seeds (:func:`run_repeated`) show "mean ± sd" where they carry
+    ``<key>_sd``.
+
+    Args:
+        rows: result rows from :func:`run_row`, :func:`run_comparison` or
+            :func:`run_repeated`.
+
+    Returns:
+        The table (no trailing newline).
+    """
+    attacks = [a for a in ATTACKS if any(f"{a}_auc" in r for r in rows)]
+    header = (["defence", "test acc", "DP ε"] + [f"{_ATTACK_LABELS[a]} AUC" for a in attacks]
+              + ["best TPR@1%FPR", "best ε_lb", "canary AUC", "canaries fit (m/h)",
+                 "max bound (nats)", "dropped / clipped", "time (s)"])
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    for r in rows:
+
+        def cell(key: str, digits: int = 3, row: Mapping[str, Any] = r) -> str:
+            # "mean ± sd" for rows aggregated over seeds (see run_repeated).
+            text = _fmt(row.get(key), digits)
+            if text != "–" and _finite(row.get(f"{key}_sd")):
+                text += f" ± {row[f'{key}_sd']:.{digits}f}"
+            return text
+
+        fit = "–"
+        if _finite(r.get("canary_fit_members")) and _finite(r.get("canary_fit_holdout")):
+            fit = f"{r['canary_fit_members']:.2f} / {r['canary_fit_holdout']:.2f}"
+        eps = cell("eps_spent", 2) if r.get("eps_spent") is not None else "∞ (none)"
+        acted = "–"
+        if r.get("defence") in ("gnq-drop", "gnq-clip"):
+            acted = f"{_count(r.get('dropped_total'))} / {_count(r.get('clipped_total'))}"
+        name = r["name"]
+        if r.get("budget_nats") is not None and "budget=p" in str(r.get("setting", "")):
+            name += f" ({r['budget_nats']:.3g} nats)"
+        cells = ([name, cell("test_accuracy"), eps] + [cell(f"{a}_auc") for a in attacks]
+                 + [cell("best_tpr_at_1pct_fpr"), cell("best_eps_lower_bound", 2),
+                    cell("canary_best_auc"), fit, _fmt(r.get("gnq_max_bound"), 1), acted,
+                    _fmt(r.get("wall_seconds"), 0)])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _count(value: Any) -> str:
+    return str(int(value)) if _finite(value) else "–"
+
+
+def _row_text(row: Mapping[str, Any]) -> str:
+    keys = ("name", "test_accuracy", "eps_spent", "best_auc", "best_tpr_at_1pct_fpr",
+            "best_eps_lower_bound", "gnq_max_bound", "dropped_total", "clipped_total")
+    return "\n".join(f"- {k}: {row.get(k)}" for k in keys)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_int(value: Any, name: str, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _spec_float(text: str, what: str, spec: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a number, got {text!r} in GNQ policy setting "
+                         f"{spec!r}") from None
+
+
+def _slugify(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text.replace("=", "")).strip("_") or "row"
