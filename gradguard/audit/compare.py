@@ -1095,14 +1095,7 @@ def _write_summary(out: Path, config: ComparisonConfig, seeds: Sequence[int],
              "DP noise and the attacks' random vectors. Per-seed results: seed_<s>/."]
     first = _read_json(out / f"seed_{seeds[0]}" / "results.json")
     notes += first.get("notes", [])
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(out / "results_over_seeds.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    _write_csv(out / "results_over_seeds.csv", rows)
     doc = {"config": {**config.to_dict(), "seed": None}, "seeds": list(seeds),
            "rows": [_json_row(r) for r in rows], "attacks": first.get("attacks", []),
            "environment": _environment(device), "total_seconds": total_seconds,
@@ -1217,14 +1210,7 @@ def _write_outputs(out: Path, config: ComparisonConfig, split, rows: list[dict[s
     for attack in attacks:
         files += [f"roc_{attack}.png", f"roc_{attack}_log.png"]
 
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    _write_csv(out / "results.csv", rows)
     doc = {"config": config.to_dict(), "split": split_info, "rows": [_json_row(r) for r in rows],
            "attacks": list(attacks), "environment": _environment(device),
            "shadow_seconds": shadows.seconds if shadows is not None else 0.0,
@@ -1265,6 +1251,19 @@ def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
         return value
 
     return {k: clean(v) for k, v in row.items()}
+
+
+
+def _write_csv(path, rows: list[dict]) -> None:
+    """One CSV row per result row; columns in first-seen order across all rows."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
 
 
 def _csv_value(value: Any) -> Any:
