@@ -189,6 +189,7 @@ class GradGuard:
         self._stash: list[torch.Tensor] = []
         self._dist: DistributedSync | None = None  # set by make_guarded under DDP
         self._closed = False
+        self._warned_modified = False
 
     # ------------------------------------------------------------------ wiring
     def make_guarded(self, *, module: nn.Module, optimizer: Optimizer,
@@ -466,11 +467,38 @@ class GradGuard:
             # and each example's gradient is its own loss's, so the mean is over the
             # expected logical batch size alone, as DPOptimizer's clipped sum is.
             denom = optimizer.expected_batch_size or max(1, weights.shape[0])
+        guarded = [p for p in self.hooks._all_params() if self.hooks._guarded(p)]
+        scale = None
+        if self._dist is None and optimizer.accumulated_iterations == 1 and weights.shape[0]:
+            scale = self.hooks.backward_scale()
+            if scale is None and self.hooks.grads_modified() and not self._warned_modified:
+                self._warned_modified = True
+                warnings.warn(
+                    "the gradients were modified between backward() and step() (e.g. by "
+                    "clip_grad_norm_ or GradScaler.unscale_). Under policy="
+                    f"{self.policy!r} gradguard rebuilds them from the captured per-example "
+                    "gradients, so that modification is not applied. To bound the update's "
+                    "norm as well, use GradGuard's clip policy or Opacus (make_guarded "
+                    "accepts a DPOptimizer).", stacklevel=4)
+        if scale is not None:
+            # .grad already holds Σ_j g_j / scale: rescale it and correct it over the examples
+            # whose weight is not 1, which a policy leaves few of. This skips rebuilding
+            # every layer's gradient and keeps loss terms gradguard does not capture
+            # (regularisers on the parameters).
+            residual = (weights - 1) / denom
+            correction = self.hooks.weighted_grads(residual) if bool(residual.any()) else {}
+            factor = scale / denom
+            for p in guarded:
+                if p.grad is None:
+                    continue
+                if factor != 1.0:
+                    p.grad.mul_(factor)
+                if p in correction:
+                    p.grad.add_(correction[p])
+            return
         # 1/denom goes into the B weights, not over every gradient entry.
         new = self.hooks.weighted_grads(weights / denom) if weights.shape[0] else {}
-        for p in self.hooks._all_params():
-            if not self.hooks._guarded(p):
-                continue
+        for p in guarded:
             g = new.get(p)
             if g is None:
                 if p.grad is not None:
@@ -481,8 +509,7 @@ class GradGuard:
             p.grad = g if _owns_layout(g, p) else torch.empty_like(p).copy_(g)
         if self._dist is not None:
             # DDP averaged the gradients during backward, before this rewrite.
-            self._dist.average_gradients(p for p in self.hooks._all_params()
-                                         if self.hooks._guarded(p))
+            self._dist.average_gradients(guarded)
 
     def _log_step(self) -> None:
         stats = {"dropped_total": self._dropped_total, "clipped_total": self._clipped_total}

@@ -541,3 +541,57 @@ def test_tensorboard_run_directory(tmp_path):
             for e in acc.Tensors(tag):
                 body = e.tensor_proto.string_val[0].decode()
                 assert f"{float(ds.tensors[0][0, 0]):.4f}" not in body
+
+
+# --------------------------------------------------------------------- .grad as the base
+def test_drop_keeps_a_regulariser_on_the_parameters():
+    """A loss term on the parameters themselves reaches no captured layer output: the
+    guarded update is Σ_kept g_j / B plus that term's gradient, as without gradguard."""
+    ds = make_data(n=16)
+    model = make_mlp()
+    tau = reference_threshold(model, ds, q=0.6)
+    guard = gg.GradGuard(policy="drop", lam=LAM, threshold=tau)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(ds, batch_size=BATCH)
+    model, opt, loader = guard.make_guarded(module=model, optimizer=opt, data_loader=loader)
+    applied = record_applied_grads(opt)
+    dropped = 0
+    for x, y, _ in loader:
+        params = list(model.parameters())
+        G = per_example_grads(model, ce_sum, x, y)
+        w = (gnq_from_grads(G, LAM) <= tau).to(F64)
+        dropped += int((w == 0).sum())
+        reg = torch.cat([(2e-3 * p).detach().reshape(-1) for p in params])  # ∇ 1e-3·‖θ‖²
+        expected = (w[:, None] * G).sum(0) / BATCH + reg
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y) + 1e-3 * sum(p.pow(2).sum() for p in params)
+        loss.backward()
+        opt.step()
+        torch.testing.assert_close(applied[-1], expected, rtol=1e-9, atol=1e-12)
+    assert dropped > 0, "nothing was dropped: the test would be vacuous"
+    guard.close()
+
+
+def test_gradients_modified_before_step_are_rebuilt_with_a_warning():
+    """clip_grad_norm_ between backward and step changes .grad in place: gradguard cannot
+    correct such a gradient, so it rebuilds Σ w_j g_j / B from the captures, and says so."""
+    ds = make_data(n=8)
+    model = make_mlp()
+    tau = reference_threshold(model, ds, q=0.6)
+    guard = gg.GradGuard(policy="drop", lam=LAM, threshold=tau)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt, loader = guard.make_guarded(module=model, optimizer=opt,
+                                            data_loader=DataLoader(ds, batch_size=BATCH))
+    applied = record_applied_grads(opt)
+    x, y, _ = next(iter(loader))
+    G = per_example_grads(model, ce_sum, x, y)
+    w = (gnq_from_grads(G, LAM) <= tau).to(F64)
+    assert 0 < int(w.sum()) < BATCH
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    with pytest.warns(UserWarning, match="modified between backward"):
+        opt.step()
+    torch.testing.assert_close(applied[-1], (w[:, None] * G).sum(0) / BATCH, rtol=1e-9,
+                               atol=1e-12)
+    guard.close()

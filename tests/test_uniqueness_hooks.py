@@ -66,6 +66,24 @@ class SeqFirstMHA(nn.Module):
         return self.head(a.transpose(0, 1).mean(1))
 
 
+class CrossAttention(nn.Module):
+    """Queries attend to a second half of the input: MHA with distinct query and key/value
+    inputs, once with the packed in_proj and once with kdim/vdim ≠ embed_dim."""
+
+    def __init__(self, dim=6):
+        super().__init__()
+        self.q, self.kv = nn.Linear(4, dim), nn.Linear(4, 5)
+        self.packed = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.split = nn.MultiheadAttention(dim, 3, kdim=5, vdim=5, batch_first=True)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        q, kv = self.q(x[:, :3]), self.kv(x[:, 3:])
+        a, _ = self.packed(q, self.q(x[:, 3:]), self.q(x[:, 3:]), need_weights=False)
+        b, _ = self.split(a, kv, kv, need_weights=False)
+        return self.head(b.mean(1))
+
+
 def _lazy(model, x):
     model(x)  # materialise LazyLinear shapes
     return model
@@ -100,6 +118,8 @@ def cases():
         torch.randint(0, 3, (5, 4), generator=gen(14))
     yield "mha_seq_first", SeqFirstMHA, torch.randn(4, 5, 4, generator=gen(15), dtype=F64), \
         torch.randint(0, 3, (4,), generator=gen(16))
+    yield "cross_attention", CrossAttention, torch.randn(4, 7, 4, generator=gen(40), dtype=F64), \
+        torch.randint(0, 3, (4,), generator=gen(41))
     yield "norms", lambda: nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(),
                                          nn.Linear(8, 8), nn.RMSNorm(8), nn.Linear(8, 3)), \
         torch.randn(6, 5, generator=gen(17), dtype=F64), \
@@ -190,18 +210,29 @@ def test_gradient_accumulation_over_micro_batches_is_one_logical_batch():
     hooks.remove()
 
 
-def test_weighted_grads_match_reference():
+WEIGHTS = {
+    "dense": lambda B: torch.rand(B, generator=gen(29), dtype=F64),
+    # a policy's correction: few non-zero weights (kernels then pick those rows)
+    "sparse": lambda B: torch.zeros(B, dtype=F64).index_fill_(0, torch.tensor([B - 1]), -0.7),
+    "zero": lambda B: torch.zeros(B, dtype=F64),
+}
+
+
+@pytest.mark.parametrize("name,factory,x,y", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("pattern", list(WEIGHTS))
+def test_weighted_grads_match_reference(name, factory, x, y, pattern):
     torch.manual_seed(0)
-    model = SeqClassifier().to(F64)
-    ids, y = torch.randint(0, 20, (5, 6), generator=gen(28)), torch.randint(0, 3, (5,))
+    model = factory().to(F64)
+    B = x.shape[0]
     hooks = GramHooks(model, loss_reduction="sum")
-    ce_sum(model(ids), y).backward()
-    w = torch.rand(5, generator=gen(29), dtype=F64)
+    ce_sum(model(x), y).backward()
+    w = WEIGHTS[pattern](B)
     got = hooks.weighted_grads(w)
-    G = per_example_grads(model, ce_sum, ids, y)
+    G = per_example_grads(model, ce_sum, x, y)
     expected = (w[:, None] * G).sum(0)
-    flat = torch.cat([got[p].reshape(-1) for p in model.parameters() if p.requires_grad])
-    assert rel_err(flat, expected) <= 1e-9 or torch.allclose(flat, expected, atol=1e-12)
+    flat = torch.cat([got[p].reshape(-1) if p in got else torch.zeros(p.numel(), dtype=F64)
+                      for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(flat, expected, rtol=1e-9, atol=1e-12)
     hooks.remove()
 
 

@@ -12,6 +12,7 @@ everything and leaves the model exactly as before.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -143,6 +144,10 @@ class GramHooks:
         self._collected: tuple[int, dict[int, list[LayerCall]]] | None = None
         self._scale = 1  # loss-reduction scale still to apply to results (see _collect)
         self._received: set[int] = set()
+        # Per parameter: its .grad right after the last captured accumulation, and that
+        # tensor's version counter (see backward_weight).
+        self._grad_after_backward: dict[int, tuple[weakref.ref, int]] = {}
+        self._uniform_scale = True
         self._paused = False
         self._attach()
 
@@ -266,6 +271,7 @@ class GramHooks:
     def _mark_received(self, p: torch.Tensor) -> None:
         if not self._paused:
             self._received.add(id(p))
+            self._grad_after_backward[id(p)] = (weakref.ref(p.grad), p.grad._version)
 
     # ------------------------------------------------------------------ state
     def remove(self) -> None:
@@ -289,6 +295,7 @@ class GramHooks:
         self._calls.clear()
         self._forward_batch.clear()
         self._received.clear()
+        self._grad_after_backward.clear()
         self._collected = None
 
     def _collect(self) -> tuple[int, dict[int, list[LayerCall]]]:
@@ -325,6 +332,7 @@ class GramHooks:
                 result[idx] = kept
         self._check_coverage(result)
         scales = {c.extra.get("backprop_scale", 1) for kept in result.values() for c in kept}
+        self._uniform_scale = len(scales) <= 1
         self._scale = scales.pop() if len(scales) == 1 else 1
         if scales:  # micro-batches of different sizes: scale each call's Δ itself
             for kept in result.values():
@@ -480,6 +488,31 @@ class GramHooks:
         finally:
             self._paused = False
         return out
+
+    def grads_modified(self) -> bool:
+        """Whether a guarded ``.grad`` changed since the captured backward passes wrote it
+        (replaced, or modified in place, e.g. by ``clip_grad_norm_``)."""
+        for p in self._all_params():
+            if not self._guarded(p) or p.grad is None:
+                continue
+            seen = self._grad_after_backward.get(id(p))
+            if seen is None or seen[0]() is not p.grad or seen[1] != p.grad._version:
+                return True
+        return False
+
+    def backward_scale(self) -> int | None:
+        """The s with ``s · p.grad == Σ_j g_j`` for every guarded parameter, if known.
+
+        That holds when no ``.grad`` was modified since the captured backward passes
+        (:meth:`grads_modified`) and every call shares one loss-reduction scale s (the
+        batch size under ``"mean"``, 1 under ``"sum"``); otherwise ``None``. It lets a
+        reweighted update be written as a correction of ``.grad`` over the few examples
+        whose weight changed.
+        """
+        self._collect()
+        if not self._uniform_scale or self.grads_modified():
+            return None
+        return self._scale
 
     def layer_routes(self) -> dict[str, str]:
         """For the last captured step: each layer's route, ``"ghost"`` or ``"materialise"``."""

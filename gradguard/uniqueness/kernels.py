@@ -190,11 +190,17 @@ def _segments_weight_grads(segs: Sequence[_Segment], batch_size: int) -> torch.T
     """Per-example Δᵀ A: [B, Gr, d_out, d_in]."""
     s0 = segs[0]
     if len(segs) == 1 and s0.A.shape[0] == batch_size:  # one call: no zero-filled buffer
-        return torch.einsum("btgo,btgi->bgoi", s0.D, s0.A)
+        return _per_example_weight_grad(s0)
     G = s0.A.new_zeros(batch_size, s0.A.shape[2], s0.D.shape[3], s0.A.shape[3])
     for s in segs:
-        G[s.offset:s.offset + s.A.shape[0]] += torch.einsum("btgo,btgi->bgoi", s.D, s.A)
+        G[s.offset:s.offset + s.A.shape[0]] += _per_example_weight_grad(s)
     return G
+
+
+def _per_example_weight_grad(s: _Segment) -> torch.Tensor:
+    # One batched matmul over (example, group) on views of A and Δ: about 2× faster
+    # than the equivalent einsum, which copies its operands into its own layout first.
+    return torch.matmul(s.D.permute(0, 2, 3, 1), s.A.permute(0, 2, 1, 3))
 
 
 def _segments_bias_grads(segs: Sequence[_Segment], batch_size: int) -> torch.Tensor:
@@ -208,24 +214,40 @@ def _segments_bias_grads(segs: Sequence[_Segment], batch_size: int) -> torch.Ten
     return b
 
 
-def _segments_weighted_weight_grad(segs: Sequence[_Segment], w: torch.Tensor) -> torch.Tensor:
-    """Σ_j w_j Δ_jᵀ A_j: [Gr, d_out, d_in], one matmul per segment (book-keeping)."""
-    total = None
-    for s in segs:
-        ws = w[s.offset:s.offset + s.A.shape[0]].to(s.D.dtype)
-        # Scale the rows first: a three-operand einsum contracts b last and is ~2× slower.
-        part = torch.einsum("btgo,btgi->goi", s.D * ws.view(-1, 1, 1, 1), s.A)
-        total = part if total is None else total + part
-    return total
+def _nonzero_rows(w: torch.Tensor) -> torch.Tensor | None:
+    """Positions of the non-zero weights, when they are few enough that picking those
+    rows beats weighting all of them (a policy's correction touches few examples)."""
+    rows = torch.nonzero(w).squeeze(1)
+    return rows if rows.numel() <= w.numel() // 2 else None
 
 
-def _segments_weighted_bias_grad(segs: Sequence[_Segment], w: torch.Tensor) -> torch.Tensor:
-    total = None
+def _weighted_rows(s: _Segment, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segment's A and w-scaled Δ, restricted to the examples with w ≠ 0."""
+    ws = w[s.offset:s.offset + s.A.shape[0]].to(s.D.dtype)
+    A, D = s.A, s.D
+    rows = _nonzero_rows(ws)
+    if rows is not None:
+        A, D, ws = A[rows], D[rows], ws[rows]
+    return A, D * ws.view(-1, 1, 1, 1)
+
+
+def _segments_weighted(segs: Sequence[_Segment], w: torch.Tensor, *, weight: bool = True,
+                       bias: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(Σ_j w_j Δ_jᵀ A_j [Gr, d_out, d_in], Σ_j w_j Σ_t Δ_jt [Gr, d_out]) by book-keeping:
+    one matmul per segment over the rows with w_j ≠ 0."""
+    W = b = None
     for s in segs:
-        ws = w[s.offset:s.offset + s.D.shape[0]].to(s.D.dtype)
-        part = torch.einsum("b,btgo->go", ws, s.D)
-        total = part if total is None else total + part
-    return total
+        A, D = _weighted_rows(s, w)
+        if weight:
+            if A.shape[2] == 1:  # one group: a plain GEMM over (example, position) rows
+                part = (D.reshape(-1, D.shape[3]).T @ A.reshape(-1, A.shape[3])).unsqueeze(0)
+            else:
+                part = torch.einsum("btgo,btgi->goi", D, A)
+            W = part if W is None else W + part
+        if bias:
+            part = D.sum((0, 1))
+            b = part if b is None else b + part
+    return W, b
 
 
 def _seg_rows(segs: Sequence[_Segment]) -> int:
@@ -284,13 +306,13 @@ class _AffineKernel(LayerKernel):
         return K
 
     def weighted_grads(self, module, calls, weights, names):
-        segs = self._segs(module, calls)
+        W, b = _segments_weighted(self._segs(module, calls), weights, weight="weight" in names,
+                                  bias="bias" in names)
         out = {}
-        if "weight" in names:
-            out["weight"] = _segments_weighted_weight_grad(segs, weights).reshape(
-                self.weight_shape(module))
-        if "bias" in names:
-            out["bias"] = _segments_weighted_bias_grad(segs, weights).reshape(-1)
+        if W is not None:
+            out["weight"] = W.reshape(self.weight_shape(module))
+        if b is not None:
+            out["bias"] = b.reshape(-1)
         return out
 
     def costs(self, module, calls, batch_size, names):
@@ -358,28 +380,24 @@ def unfold_conv_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Matches the weight layout [C_out, C_in/groups, *kernel] so per-example gradients
     are Δᵀ·patches per group. Works for any N with stride, padding (all modes),
-    dilation and groups.
+    dilation and groups. The result is a permuted view of a [B, C·prod(kernel), L]
+    buffer: copying the strided windows in that order moves whole rows of positions
+    at a time, 2-5× faster on CPU than ``F.unfold`` or a position-major copy.
     """
     x = _conv_pad(module, x)
     nd = x.dim() - 2
-    if nd == 2:
-        # im2col is one fast kernel; its rows are (channel, k_1, k_2), the weight's layout,
-        # so the permute below is a view and nothing is copied twice.
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-        B, rows, L = cols.shape
-        return cols.view(B, module.groups, rows // module.groups, L).permute(0, 3, 1, 2)
     for i in range(nd):
         dim = 2 + i
         span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
         x = x.unfold(dim, span, module.stride[i])
         if module.dilation[i] > 1:
             x = x[..., :: module.dilation[i]]
-    # x: [B, C, L_1..L_nd, k_1..k_nd]
+    # x: [B, C, L_1..L_nd, k_1..k_nd] -> [B, C, k_1..k_nd, L_1..L_nd]
     B, C = x.shape[:2]
     L = math.prod(x.shape[2:2 + nd])
-    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
-    x = x.permute(perm).reshape(B, L, module.groups, -1)
-    return x
+    perm = [0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd)]
+    cols = x.permute(perm).reshape(B, module.groups, -1, L)
+    return cols.permute(0, 3, 1, 2)
 
 
 class ConvKernel(_AffineKernel):
@@ -450,10 +468,13 @@ class ConvKernel(_AffineKernel):
         # own backward kernel does it without unfolding the input.
         out: dict[str, torch.Tensor] = {}
         for c in calls:
-            x = _conv_pad(module, c.activation)
-            nd = x.dim() - 2
-            D = c.backprop
+            x, D = c.activation, c.backprop
             w = weights[c.offset:c.offset + x.shape[0]].to(D.dtype)
+            rows = _nonzero_rows(w)
+            if rows is not None:
+                x, D, w = x[rows], D[rows], w[rows]
+            x = _conv_pad(module, x)
+            nd = x.dim() - 2
             D = D * w.view(-1, *([1] * (D.dim() - 1)))
             parts = {}
             if "weight" in names:
@@ -536,8 +557,11 @@ class EmbeddingKernel(LayerKernel):
         g = torch.zeros_like(module.weight)
         for ids, D, off in self._segments(module, calls):
             w = weights[off:off + ids.shape[0]].to(D.dtype)
-            rows = (D * w[:, None, None]).reshape(-1, D.shape[-1]).to(g.dtype)
-            g.index_add_(0, ids.reshape(-1), rows)
+            rows = _nonzero_rows(w)
+            if rows is not None:
+                ids, D, w = ids[rows], D[rows], w[rows]
+            g.index_add_(0, ids.reshape(-1),
+                         (D * w[:, None, None]).reshape(-1, D.shape[-1]).to(g.dtype))
         return {"weight": g}
 
     def costs(self, module, calls, batch_size, names):
@@ -549,6 +573,11 @@ class EmbeddingKernel(LayerKernel):
             ghost = 2 * batch_size * batch_size * T * module.embedding_dim
         materialise = batch_size * module.weight.numel() * (1 + batch_size)
         return float(ghost), float(materialise)
+
+
+# Token groups of up to 2**_MIN_BUCKET rows share one bucket: padding them is cheaper than
+# the dozen small ops each extra bucket costs (measured on CPU, uniform and Zipf tokens).
+_MIN_BUCKET = 2
 
 
 def _embedding_gram_grouped(ex: torch.Tensor, ids: torch.Tensor, D: torch.Tensor,
@@ -575,7 +604,8 @@ def _embedding_gram_grouped(ex: torch.Tensor, ids: torch.Tensor, D: torch.Tensor
     group = torch.repeat_interleave(torch.arange(counts.shape[0]), counts)
     pos = torch.arange(keys.shape[0]) - (torch.cumsum(counts, 0) - counts)[group]
     bucket = torch.ceil(torch.log2(counts.to(torch.float64))).to(torch.int64)
-    K = torch.zeros(B, B, dtype=dtype)
+    bucket.clamp_(min=_MIN_BUCKET)
+    K = torch.zeros(B * B, dtype=dtype)
     for b in torch.unique(bucket).tolist():
         n = 1 << b
         in_bucket = bucket == b
@@ -587,10 +617,9 @@ def _embedding_gram_grouped(ex: torch.Tensor, ids: torch.Tensor, D: torch.Tensor
         X = torch.zeros(P.shape[0], n, dtype=torch.int64)  # empty slots: zero rows, any index
         X[g, p] = row_ex[sel]
         blocks = torch.bmm(P, P.transpose(1, 2)).to(dtype)
-        K.index_put_((X[:, :, None].expand(-1, n, n).reshape(-1),
-                      X[:, None, :].expand(-1, n, n).reshape(-1)), blocks.reshape(-1),
-                     accumulate=True)
-    return K
+        K.index_add_(0, (X[:, :, None] * B + X[:, None, :]).reshape(-1), blocks.reshape(-1))
+    return K.view(B, B)
+
 
 
 class GradSamplerKernel(LayerKernel):
@@ -923,15 +952,19 @@ class MultiheadAttentionKernel(LayerKernel):
         def batch_first(t):  # [B, h, L, d/h] -> [B, L, d], heads concatenated as in MHA
             return t.permute(0, 2, 1, 3).reshape(B, t.shape[2], d).to(delta.dtype)
 
-        dq, dk, dv = (batch_first(g) for g in grads)
         segs = {"out": _Segment(batch_first(o).unsqueeze(2), delta.unsqueeze(2), c.offset)}
-        xq = x["q"].to(delta.dtype)
         if module._qkv_same_embed_dim and all(_same_tensor(x["q"], x[b]) for b in "kv"):
-            segs["qkv"] = _Segment(xq.unsqueeze(2), torch.cat([dq, dk, dv], -1).unsqueeze(2),
+            # Self-attention: the packed in_proj is one linear layer with Δ = [Δq | Δk | Δv];
+            # each head-major gradient is copied once, straight into its slice.
+            D = delta.new_empty(B, T, 3, h, d // h)
+            for i, g in enumerate(grads):
+                D[:, :, i].copy_(g.transpose(1, 2))
+            segs["qkv"] = _Segment(x["q"].to(delta.dtype).unsqueeze(2), D.view(B, T, 1, 3 * d),
                                    c.offset)
         else:
-            for b, g in zip("qkv", (dq, dk, dv)):
-                segs[b] = _Segment(x[b].to(delta.dtype).unsqueeze(2), g.unsqueeze(2), c.offset)
+            for b, g in zip("qkv", grads):
+                segs[b] = _Segment(x[b].to(delta.dtype).unsqueeze(2), batch_first(g).unsqueeze(2),
+                                   c.offset)
         return segs
 
     @staticmethod
@@ -989,10 +1022,12 @@ class MultiheadAttentionKernel(LayerKernel):
             return self.fallback.weighted_grads(module, calls, weights, names)
         parts: dict[str, list] = {}
         for segs, w, bname in self._per_block(module, calls, names):
+            W, b = _segments_weighted(segs, weights, weight=w is not None,
+                                      bias=bname is not None)
             if w is not None:
-                parts.setdefault(w, []).append(_segments_weighted_weight_grad(segs, weights)[0])
+                parts.setdefault(w, []).append(W[0])
             if bname is not None:
-                parts.setdefault(bname, []).append(_segments_weighted_bias_grad(segs, weights)[0])
+                parts.setdefault(bname, []).append(b[0])
         return {n: torch.cat(p, 0) if len(p) > 1 else p[0] for n, p in parts.items()}
 
     def costs(self, module, calls, batch_size, names):
