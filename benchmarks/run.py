@@ -581,12 +581,19 @@ def _loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 
 def curvature_costs(specs: Sequence[ModelSpec], *, batch_size: int, repeats: int,
                     plain_step_s: dict[str, float], device: torch.device) -> dict:
-    """Seconds per example of one probe call per estimator, and the default schedule's share."""
+    """Per estimator: seconds per example of ``input_curvature`` on a batch; and the share of
+    training time of a real ``CurvatureProbe`` at its default schedule.
+
+    The share is measured, not extrapolated: ``CurvatureProbe.run`` (default estimator,
+    sample sizes, vectors, chunking) is timed on the model, and set against ``every``
+    plain training steps: probe / (every · plain step + probe). For the other estimators
+    the probe's time is scaled by their per-example cost relative to the default's.
+    """
     try:
         from gradguard.curvature.estimators import input_curvature
+        from gradguard.curvature.probe import CurvatureProbe
     except Exception as exc:  # noqa: BLE001 - another module may not exist yet
-        return {"skipped": f"gradguard.curvature.estimators is not importable: "
-                           f"{_short_error(exc)}"}
+        return {"skipped": f"gradguard.curvature is not importable: {_short_error(exc)}"}
     schedule = _probe_defaults()
     estimators = ("hutchinson", "fd", "zo")
     out: dict[str, Any] = {"batch_size": batch_size, "schedule": schedule, "models": {}}
@@ -611,19 +618,28 @@ def curvature_costs(specs: Sequence[ModelSpec], *, batch_size: int, repeats: int
                     _sync(device)
                     ts.append(time.perf_counter() - t0)
                 per_ex = statistics.median(ts) / batch_size
-                entry: dict[str, Any] = {"seconds_per_example": per_ex,
-                                         "per_example_vs_plain_step": per_ex
-                                         / plain_step_s[spec.name]
-                                         if spec.name in plain_step_s else None}
-                if schedule.get("examples_per_probe") and schedule.get("every"):
-                    probe_s = per_ex * schedule["examples_per_probe"]
-                    if spec.name in plain_step_s:
-                        train_s = schedule["every"] * plain_step_s[spec.name]
-                        entry["probe_s"] = probe_s
-                        entry["fraction_of_training"] = probe_s / (train_s + probe_s)
-                per_model[est] = entry
+                per_model[est] = {"seconds_per_example": per_ex,
+                                  "per_example_vs_plain_step": per_ex / plain_step_s[spec.name]
+                                  if spec.name in plain_step_s else None}
             except Exception as exc:  # noqa: BLE001
                 per_model[est] = {"error": _short_error(exc)}
+        default = schedule.get("estimator")
+        if spec.name in plain_step_s and "seconds_per_example" in per_model.get(default, {}):
+            n = schedule.get("examples_per_probe", 0) // 2
+            data = torch.utils.data.TensorDataset(*spec.make_batch(max(n, 1), gen))
+            probe = CurvatureProbe(data, data)
+            probe.run(model, 0)  # warm-up
+            probe_s = statistics.median(probe.run(model, k + 1).seconds for k in range(repeats))
+            train_s = schedule["every"] * plain_step_s[spec.name]
+            for est, entry in per_model.items():
+                if "seconds_per_example" not in entry:
+                    continue
+                scaled = probe_s * entry["seconds_per_example"] \
+                    / per_model[default]["seconds_per_example"]
+                entry["probe_s"] = scaled
+                entry["probe_s_method"] = "CurvatureProbe.run timed" if est == default \
+                    else f"timed {default} probe × per-example cost ratio"
+                entry["fraction_of_training"] = scaled / (train_s + scaled)
         out["models"][spec.name] = per_model
     return out
 

@@ -288,19 +288,21 @@ def test_rademacher_vectors_follow_the_example_not_the_batch():
     assert torch.equal(rademacher_vectors(x, 5, seed=torch.tensor(123)), v)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_rademacher_vectors_are_balanced_and_uncorrelated(dtype):
-    x = torch.rand(3000, 8, generator=torch.Generator().manual_seed(23)).to(dtype)
-    v = rademacher_vectors(x, 4, seed=99).to(torch.float64)  # [4, 3000, 8]
+@pytest.mark.parametrize("dtype,dim", [(torch.float16, 8), (torch.bfloat16, 8),
+                                       (torch.float32, 8), (torch.float64, 8),
+                                       (torch.float32, 70)])  # 70: signs from three hashes
+def test_rademacher_vectors_are_balanced_and_uncorrelated(dtype, dim):
+    x = torch.rand(3000, dim, generator=torch.Generator().manual_seed(23)).to(dtype)
+    v = rademacher_vectors(x, 4, seed=99).to(torch.float64)  # [4, 3000, dim]
     u = rademacher_vectors(x, 4, seed=99, stream=1).to(torch.float64)
     assert v.dtype == torch.float64 and set(v.unique().tolist()) == {-1.0, 1.0}
-    samples = v.reshape(-1, 8)
+    samples = v.reshape(-1, dim)
     n = samples.shape[0]
     bound = 5 / math.sqrt(n)  # 5 standard errors for a mean of n independent ±1
     assert samples.mean(0).abs().max() < bound
     # Coordinates, streams, vectors and neighbouring examples: all pairwise uncorrelated.
     corr = samples.T @ samples / n
-    assert (corr - torch.eye(8, dtype=torch.float64)).abs().max() < bound
+    assert (corr - torch.eye(dim, dtype=torch.float64)).abs().max() < bound
     assert (v * u).mean((0, 1)).abs().max() < 5 / math.sqrt(4 * 3000)
     assert (v[0] * v[1]).mean(0).abs().max() < 5 / math.sqrt(3000)
     assert (v[:, :-1] * v[:, 1:]).mean((0, 1)).abs().max() < 5 / math.sqrt(4 * 2999)

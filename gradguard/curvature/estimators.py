@@ -179,8 +179,8 @@ def rademacher_vectors(
 ) -> Tensor:
     """Per-example Rademacher (±1) vectors that depend on nothing but the example.
 
-    The sign at coordinate ``d`` of example ``i``'s ``j``-th vector is the top bit of a
-    MurmurHash3-finalised hash of ``(seed, key_i, j, stream, d)``. ``key_i`` is a hash of
+    The sign at coordinate ``d`` of example ``i``'s ``j``-th vector is bit ``d mod 32`` of a
+    MurmurHash3-finalised hash of ``(seed, key_i, j, stream, ⌊d/32⌋)``. ``key_i`` is a hash of
     the raw bits of ``x[i]`` (the default) or of ``example_ids[i]``. Consequences: the
     vectors of an example are the same in any batch, at any position and in any chunk;
     identical inputs get identical vectors under content keys; and the first ``n``
@@ -217,14 +217,19 @@ def rademacher_vectors(
         keys = _id_keys(_check_example_ids(example_ids, batch).to(x.device))
     # Per-example state: the seed and the key, fully mixed (shape [B]).
     example_state = _absorb64(_absorb64(keys, seed_t.expand(batch)), keys)
-    coords = torch.arange(n_coords, device=x.device, dtype=torch.int64)
+    # Each hash gives the signs of 32 consecutive coordinates (its 32 output bits, all
+    # fully mixed): 32× fewer lanes to hash than one hash per coordinate.
+    n_words = -(-n_coords // 32)
+    words = torch.arange(n_words, device=x.device, dtype=torch.int64)
+    bit = torch.arange(32, device=x.device, dtype=torch.int64)
     out = torch.empty((n_vectors, batch, n_coords), dtype=x.dtype, device=x.device)
     # One vector at a time keeps the int64 temporaries at B×D instead of n×B×D.
     for j in range(n_vectors):
-        counter = (j * _N_STREAMS + stream) * n_coords + coords
-        coordinate_state = _absorb64(torch.full_like(counter, _TAG_COUNTER), counter)
-        bits = _fmix32(example_state[:, None] ^ coordinate_state[None, :])
-        out[j].copy_(1 - 2 * (bits >> 31))
+        counter = (j * _N_STREAMS + stream) * n_words + words
+        word_state = _absorb64(torch.full_like(counter, _TAG_COUNTER), counter)
+        bits = _fmix32(example_state[:, None] ^ word_state[None, :])  # [B, n_words]
+        signs = ((bits[:, :, None] >> bit) & 1).view(batch, n_words * 32)[:, :n_coords]
+        out[j].copy_(1 - 2 * signs)
     return out.reshape(n_vectors, *x.shape)
 
 
