@@ -330,10 +330,17 @@ def _sync(device: torch.device) -> None:
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence the profiler's C++ chatter and library warnings while measuring."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    """Silence library warnings and the profiler's C++ chatter on stderr while measuring."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def peak_step_bytes(variant: Variant, batch: tuple, device: torch.device) -> dict:
@@ -910,6 +917,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results.json"))
     args = p.parse_args(argv)
+    # Opacus warns on every step that its full backward hooks fire without input grads.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     batch_sizes = args.batch_sizes
     if args.quick and args.batch_sizes == list(BATCH_SIZES):
         batch_sizes = [32, 128]

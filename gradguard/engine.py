@@ -471,14 +471,16 @@ class GradGuard:
         scale = None
         if self._dist is None and optimizer.accumulated_iterations == 1 and weights.shape[0]:
             scale = self.hooks.backward_scale()
-            if scale is None and self.hooks.grads_modified() and not self._warned_modified:
+            if (scale is None and optimizer.step_hook is None and not self._warned_modified
+                    and self.hooks.grads_modified()):
                 self._warned_modified = True
                 warnings.warn(
                     "the gradients were modified between backward() and step() (e.g. by "
                     "clip_grad_norm_ or GradScaler.unscale_). Under policy="
                     f"{self.policy!r} gradguard rebuilds them from the captured per-example "
-                    "gradients, so that modification is not applied. To bound the update's "
-                    "norm as well, use GradGuard's clip policy or Opacus (make_guarded "
+                    "gradients, so that modification is not applied. Re-apply it to the "
+                    "rewritten gradients in optimizer.step_hook (called after the policy, "
+                    "before the step), or use Opacus for a bounded update norm (make_guarded "
                     "accepts a DPOptimizer).", stacklevel=4)
         if scale is not None:
             # .grad already holds Σ_j g_j / scale: rescale it and correct it over the examples

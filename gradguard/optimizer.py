@@ -33,6 +33,12 @@ class GuardedOptimizer(Optimizer):
         expected_batch_size: the denominator of the guarded update Σ w_j g_j / B under
             ``loss_reduction="mean"`` (the loader's batch size, or Opacus's expected
             batch size for Poisson sampling).
+
+    Attributes:
+        step_hook: optional ``fn(optimizer)`` called after the guard applied its policy
+            and before the wrapped optimizer steps, e.g. to clip the norm of the gradients
+            the policy rewrote (``clip_grad_norm_`` before ``step()`` is lost under
+            ``clip``/``drop``, which rebuild the gradients).
     """
 
     def __init__(self, optimizer: Optimizer, *, guard: GradGuard, expected_batch_size: int | None,

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -592,6 +593,34 @@ def test_gradients_modified_before_step_are_rebuilt_with_a_warning():
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     with pytest.warns(UserWarning, match="modified between backward"):
         opt.step()
-    torch.testing.assert_close(applied[-1], (w[:, None] * G).sum(0) / BATCH, rtol=1e-9,
-                               atol=1e-12)
+    rebuilt = (w[:, None] * G).sum(0) / BATCH
+    torch.testing.assert_close(applied[-1], rebuilt, rtol=1e-9, atol=1e-12)
+
+    guard.close()
+
+
+def test_step_hook_reapplies_clipping_to_the_rewritten_gradients_without_warning():
+    ds = make_data(n=8)
+    model = make_mlp()
+    tau = reference_threshold(model, ds, q=0.6)
+    guard = gg.GradGuard(policy="drop", lam=LAM, threshold=tau)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt, loader = guard.make_guarded(module=model, optimizer=opt,
+                                            data_loader=DataLoader(ds, batch_size=BATCH))
+    applied = record_applied_grads(opt)
+    opt.step_hook = lambda o: torch.nn.utils.clip_grad_norm_(o.params, 1e-3)
+    x, y, _ = next(iter(loader))
+    G = per_example_grads(model, ce_sum, x, y)
+    w = (gnq_from_grads(G, LAM) <= tau).to(F64)
+    assert 0 < int(w.sum()) < BATCH
+    rebuilt = (w[:, None] * G).sum(0) / BATCH
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert rebuilt.norm() > 1e-2  # the clip below does act
+    clipped = rebuilt * (1e-3 / (rebuilt.norm() + 1e-6))  # clip_grad_norm_'s own rule
+    torch.testing.assert_close(applied[-1], clipped, rtol=1e-9, atol=1e-12)
     guard.close()
