@@ -100,6 +100,15 @@ def cases():
         nn.GroupNorm(2, 6), nn.ReLU(),
         nn.Conv2d(6, 4, 3, padding="same", padding_mode="circular"), nn.Flatten(),
         nn.LazyLinear(3)).to(F64), x), x, torch.randint(0, 3, (5,), generator=gen(4))
+    x = torch.randn(4, 3, 9, 9, generator=gen(42), dtype=F64)
+    # ≥ 8 input channels per group: per-example gradients from the conv's own
+    # weight-backward kernel (zero padding passed through, "same" padded first).
+    yield "cnn_wide", lambda x=x: _lazy(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2), nn.Tanh(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.Tanh(),
+        nn.Conv2d(16, 4, 3, padding="same"), nn.Flatten(),
+        nn.LazyLinear(3)).to(F64), x), x, torch.randint(0, 3, (4,), generator=gen(43))
     x = torch.randn(6, 3, 12, generator=gen(5), dtype=F64)
     yield "conv1d", lambda x=x: _lazy(nn.Sequential(
         nn.Conv1d(3, 4, 3, stride=2), nn.ReLU(), nn.Conv1d(4, 2, 2, dilation=2), nn.Flatten(),

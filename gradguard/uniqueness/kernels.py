@@ -375,6 +375,14 @@ def _conv_pad(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _conv_backward_input(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The input and padding to give ``convolution_backward``: zero padding is passed
+    through (the kernel pads on the fly), other modes are applied to a copy first."""
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return x, list(module.padding)
+    return _conv_pad(module, x), [0] * (x.dim() - 2)
+
+
 def unfold_conv_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Patches of a ConvNd input: [B, L, groups, C_in/groups · prod(kernel)].
 
@@ -440,7 +448,7 @@ class ConvKernel(_AffineKernel):
             return super().per_example_grads(module, calls, batch_size, names)
         out: dict[str, torch.Tensor] = {}
         for c in calls:
-            x = _conv_pad(module, c.activation)
+            x, padding = _conv_backward_input(module, c.activation)
             D = c.backprop
             B, nd = x.shape[0], x.dim() - 2
             parts = {}
@@ -450,7 +458,7 @@ class ConvKernel(_AffineKernel):
                 parts["weight"] = torch.ops.aten.convolution_backward(
                     D.reshape(1, B * shape[0], *D.shape[2:]),
                     x.to(D.dtype).reshape(1, B * x.shape[1], *x.shape[2:]), template, None,
-                    list(module.stride), [0] * nd, list(module.dilation), False, [0] * nd,
+                    list(module.stride), padding, list(module.dilation), False, [0] * nd,
                     B * module.groups, [False, True, False])[1].view(B, *shape)
             if "bias" in names:
                 parts["bias"] = D.sum(dim=list(range(2, D.dim())))
@@ -473,14 +481,14 @@ class ConvKernel(_AffineKernel):
             rows = _nonzero_rows(w)
             if rows is not None:
                 x, D, w = x[rows], D[rows], w[rows]
-            x = _conv_pad(module, x)
+            x, padding = _conv_backward_input(module, x)
             nd = x.dim() - 2
             D = D * w.view(-1, *([1] * (D.dim() - 1)))
             parts = {}
             if "weight" in names:
                 template = D.new_empty(1).expand(module.weight.shape)
                 parts["weight"] = torch.ops.aten.convolution_backward(
-                    D, x.to(D.dtype), template, None, list(module.stride), [0] * nd,
+                    D, x.to(D.dtype), template, None, list(module.stride), padding,
                     list(module.dilation), False, [0] * nd, module.groups,
                     [False, True, False])[1]
             if "bias" in names:
