@@ -487,16 +487,13 @@ class GradGuard:
             # whose weight is not 1, which a policy leaves few of. This skips rebuilding
             # every layer's gradient and keeps loss terms gradguard does not capture
             # (regularisers on the parameters).
+            if scale != denom:
+                for p in guarded:
+                    if p.grad is not None:
+                        p.grad.mul_(scale / denom)
             residual = (weights - 1) / denom
-            correction = self.hooks.weighted_grads(residual) if bool(residual.any()) else {}
-            factor = scale / denom
-            for p in guarded:
-                if p.grad is None:
-                    continue
-                if factor != 1.0:
-                    p.grad.mul_(factor)
-                if p in correction:
-                    p.grad.add_(correction[p])
+            if bool(residual.any()):
+                self.hooks.add_weighted_grads_(residual)
             return
         # 1/denom goes into the B weights, not over every gradient entry.
         new = self.hooks.weighted_grads(weights / denom) if weights.shape[0] else {}

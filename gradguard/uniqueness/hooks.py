@@ -489,6 +489,28 @@ class GramHooks:
             self._paused = False
         return out
 
+    def add_weighted_grads_(self, weights: torch.Tensor) -> None:
+        """``p.grad += Σ_j w_j g_j`` in place for every guarded parameter that has a
+        ``.grad`` (see :meth:`weighted_grads`); a few non-zero weights cost a rank-k update."""
+        batch, calls = self._collect()
+        if weights.shape != (batch,):
+            raise ValueError(f"weights must have shape ({batch},), got {tuple(weights.shape)}")
+        solo, tied = self._plan(calls)
+        if self._scale != 1:
+            weights = weights * self._scale
+        jobs = [(idx, names) for idx, names in solo.items() if names]
+        jobs += [(idx, [n]) for uses in tied.values() for idx, n, _ in uses]
+        self._paused = True
+        try:
+            for idx, names in jobs:
+                o = self._owners[idx]
+                grads = {n: _param(o, n).grad for n in names if _param(o, n).grad is not None}
+                if grads:
+                    o.kernel.add_weighted_grads(o.module, calls[idx], weights, list(grads),
+                                                grads)
+        finally:
+            self._paused = False
+
     def grads_modified(self) -> bool:
         """Whether a guarded ``.grad`` changed since the captured backward passes wrote it
         (replaced, or modified in place, e.g. by ``clip_grad_norm_``)."""
