@@ -171,8 +171,8 @@ class CurvatureProbe:
             where the AUC should be near 0.5).
         n_examples: sample size per side. With the defaults (every 1000 steps, 128 + 128
             examples, ``"zo"`` with 10 vectors: 40 forward passes per example) probes
-            took 3.5% (MLP) and 6.6% (CNN) of plain training time at batch size 128 in
-            benchmarks/run.py on 2 CPU cores; every 500 steps would double that.
+            took 3-7% of plain training time (an MLP and a CNN at batch size 128, 2 CPU
+            cores, benchmarks/run.py); every 500 steps would double that.
         estimator: ``"zo"`` (default), ``"hutchinson"`` or ``"fd"``.
         n_vectors: random vectors per example.
         h: perturbation size for ``"zo"`` and ``"fd"``.
