@@ -30,7 +30,11 @@ def test_property_matches_explicit(B, P, scale, lam, seed):
     ref = gnq_explicit(G, lam)
     got = gnq_from_grads(G, lam)
     assert torch.all(got >= 0)
-    assert rel_err(got, ref) < 1e-6 or float((got - ref).abs().max()) < 1e-12
+    # A backward-stable B×B solve loses about cond(K + λI) · ε: with scale 1e3 and λ 1e-3
+    # that condition number reaches 1e10 (the P×P reference with P < B does not).
+    cond = 1 + float(torch.linalg.eigvalsh(G @ G.T).max()) / lam
+    tol = max(1e-6, 100 * cond * torch.finfo(torch.float64).eps)
+    assert rel_err(got, ref) < tol or float((got - ref).abs().max()) < 1e-12
 
 
 def test_small_gnq_has_no_cancellation():
