@@ -95,11 +95,13 @@ def test_monitor_leaves_training_bit_for_bit(tmp_path):
     assert cb.guard.step == 2 * N // BATCH
 
 
-def test_drop_policy_matches_plain_loop(tmp_path):
-    """Same batches, same init: the callback equals GradGuard in a hand-written loop."""
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_drop_policy_matches_plain_loop(tmp_path, clip):
+    """Same batches, same init: the callback equals GradGuard in a hand-written loop; with
+    gradient_clip_val, the norm of the update the policy rebuilt is clipped."""
     kwargs = dict(policy="drop", threshold=gg.Quantile(0.7, window=2), lam=LAM)
     cb = GradGuardCallback(**kwargs)
-    lit, _ = _fit(tmp_path, cb)
+    lit, _ = _fit(tmp_path, cb, gradient_clip_val=clip)
     # Which examples each batch held, read off the inputs training_step received (the rows
     # are distinct), not from gradguard's own bookkeeping.
     X = _data().tensors[0]
@@ -111,11 +113,18 @@ def test_drop_policy_matches_plain_loop(tmp_path):
     model, opt, loader = guard.make_guarded(
         module=net, optimizer=torch.optim.SGD(net.parameters(), lr=LR),
         data_loader=DataLoader(_data(), batch_sampler=batches))
+    norms = []  # of the rebuilt updates, before the clip in step_hook
+    if clip is not None:
+        opt.step_hook = lambda o: norms.append(float(torch.nn.utils.clip_grad_norm_(o.params,
+                                                                                    clip)))
     for x, y in loader:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
+        if clip is not None:  # as Lightning does, before the step
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
     assert float(guard.summary()["dropped_total"]) > 0
+    assert clip is None or max(norms) > clip, "the clip never acted: the test is vacuous"
     for name in ("steps_seen", "cum_gnq", "max_gnq", "cum_bound", "last_step"):
         torch.testing.assert_close(getattr(cb.guard.ledger, name), getattr(guard.ledger, name))
     for a, b in zip(lit.net.parameters(), net.parameters()):

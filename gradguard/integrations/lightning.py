@@ -9,6 +9,7 @@ change to the LightningModule:
   is rebuilt around gradguard's recording batch sampler, so each batch's dataset indices
   are known; the batches themselves, their order and the sampler's RNG are unchanged;
 - the strategy's optimizer is wrapped so every optimizer step is measured and shaped;
+  ``gradient_clip_val`` is applied again to the gradients ``clip``/``drop`` rebuilt;
 - the callback's state (ledger, counters, threshold window) goes into Lightning
   checkpoints and comes back with ``fit(ckpt_path=...)``;
 - with a ``TensorBoardLogger``, gradguard writes into the logger's run directory
@@ -26,6 +27,7 @@ Requires ``pip install gradguard[lightning]``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -47,6 +49,13 @@ from ..loader import RecordingBatchSampler, track_indices
 from ..optimizer import GuardedOptimizer
 
 __all__ = ["GradGuardCallback"]
+
+
+def _clip_rewritten(optimizer: GuardedOptimizer, *, value: float, by_value: bool) -> None:
+    if by_value:
+        torch.nn.utils.clip_grad_value_(optimizer.params, value)
+    else:
+        torch.nn.utils.clip_grad_norm_(optimizer.params, value)
 
 
 class _LightningGuardedOptimizer(GuardedOptimizer):
@@ -215,6 +224,12 @@ class GradGuardCallback(Callback):
             raw, guard=guard, expected_batch_size=expected, loss_reduction=self.loss_reduction,
             automatic=pl_module.automatic_optimization)
         guard.optimizer = self._optimizer
+        if trainer.gradient_clip_val and guard.policy != "monitor":
+            # Lightning clips before the guarded step, whose policy then rebuilds the
+            # gradients: clip what will actually be applied.
+            self._optimizer.step_hook = functools.partial(
+                _clip_rewritten, value=float(trainer.gradient_clip_val),
+                by_value=trainer.gradient_clip_algorithm == "value")
         self._raw_optimizer = raw
         trainer.strategy.optimizers = [self._optimizer]
         if self._pending_state:

@@ -145,7 +145,7 @@ class GramHooks:
         self._scale = 1  # loss-reduction scale still to apply to results (see _collect)
         self._received: set[int] = set()
         # Per parameter: its .grad right after the last captured accumulation, and that
-        # tensor's version counter (see backward_weight).
+        # tensor's version counter (see grads_modified).
         self._grad_after_backward: dict[int, tuple[weakref.ref, int]] = {}
         self._uniform_scale = True
         self._paused = False
