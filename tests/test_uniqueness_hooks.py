@@ -281,6 +281,27 @@ def test_add_weighted_grads_with_a_wider_gram_dtype():
     hooks.remove()
 
 
+def test_workspace_is_reused_across_steps_without_stale_values():
+    """The conv unfold buffer outlives the step; Grams stay exact as batches change size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 25, 3)).to(F64)
+    hooks = GramHooks(model, loss_reduction="sum", strategy="materialise")
+    buffers = set()
+    for step, B in enumerate([5, 3, 5, 4]):
+        x = torch.randn(B, 3, 5, 5, generator=gen(50 + step), dtype=F64)
+        y = torch.randint(0, 3, (B,), generator=gen(60 + step))
+        ce_sum(model(x), y).backward()
+        ref = gnq_from_grads(per_example_grads(model, ce_sum, x, y), 1e-2)
+        assert rel_err(gg.gnq_from_gram(hooks.gram(), 1e-2), ref) <= 1e-9
+        buffers |= {ws["unfold"].data_ptr() for ws in hooks._workspaces.values() if ws}
+        hooks.clear()
+        model.zero_grad(set_to_none=True)
+    assert len(buffers) == 1, "the unfold buffer was reallocated instead of reused"
+    hooks.remove()
+    assert not hooks._workspaces
+
+
 def test_remove_leaves_model_as_before():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
     model.eval()

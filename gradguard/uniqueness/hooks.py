@@ -89,6 +89,10 @@ class GramHooks:
     ``loss_reduction="mean"`` the captured output gradients are multiplied by the batch
     size of their forward pass, as Opacus does.
 
+    Large temporaries that every step needs again (the unfolded inputs of convolutions
+    with few input channels) stay allocated between steps, so they are not page-faulted
+    back each step; :meth:`remove` frees them.
+
     Args:
         module: the model; it is not modified beyond registering hooks.
         loss_reduction: ``"mean"`` or ``"sum"``, how the user's loss reduces over the batch.
@@ -148,6 +152,7 @@ class GramHooks:
         # tensor's version counter (see grads_modified).
         self._grad_after_backward: dict[int, tuple[weakref.ref, int]] = {}
         self._uniform_scale = True
+        self._workspaces: dict[tuple[int, int], dict] = defaultdict(dict)
         self._paused = False
         self._attach()
 
@@ -230,9 +235,11 @@ class GramHooks:
             elif not isinstance(self._owners[idx].kernel,
                                 (FunctionalKernel, MultiheadAttentionKernel)):
                 self._check_batch_first(idx, args, batch)
+            # The k-th call of a layer in a step gets the same workspace every step.
+            workspace = self._workspaces[(idx, len(self._calls[idx]))]
             call = LayerCall(args=_detach(args), kwargs=_detach(kwargs),
                              backprops=[None] * len(outs), offset=0, batch_size=batch,
-                             out_template=_detach(output))
+                             out_template=_detach(output), workspace=workspace)
             scale = batch if self.loss_reduction == "mean" else 1
             for k, o in enumerate(outs):
                 if isinstance(o, torch.Tensor) and o.requires_grad:
@@ -280,6 +287,7 @@ class GramHooks:
             h.remove()
         self._handles.clear()
         self.clear()
+        self._workspaces.clear()
 
     @contextlib.contextmanager
     def paused(self):

@@ -68,6 +68,10 @@ class LayerCall:
             :meth:`LayerKernel.on_forward` hooks recorded during backward: lists of
             tensors, accumulated over backward passes and scaled like ``backprops``.
         saved: forward values such a kernel kept (not scaled).
+        workspace: scratch buffers that outlive the step: the hooks hand the same dict to
+            the same call of the same layer every step, so a kernel can reuse a large
+            temporary instead of allocating (and, on CPU, page-faulting) it again. Its
+            contents are overwritten the next step: never return a view of them.
     """
 
     args: tuple
@@ -79,6 +83,7 @@ class LayerCall:
     extra: dict = field(default_factory=dict)
     captures: dict = field(default_factory=dict)
     saved: dict = field(default_factory=dict)
+    workspace: dict = field(default_factory=dict)
 
     @property
     def activation(self) -> torch.Tensor:
@@ -405,7 +410,18 @@ def _conv_backward_input(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
     return _conv_pad(module, x), [0] * (x.dim() - 2)
 
 
-def unfold_conv_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _scratch(workspace: dict, name: str, shape: tuple[int, ...], like: torch.Tensor
+             ) -> torch.Tensor:
+    """A ``shape`` tensor backed by ``workspace[name]``, grown when too small."""
+    numel = math.prod(shape)
+    buf = workspace.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+        buf = workspace[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(shape)
+
+
+def unfold_conv_input(module: nn.Module, x: torch.Tensor, *,
+                      workspace: dict | None = None) -> torch.Tensor:
     """Patches of a ConvNd input: [B, L, groups, C_in/groups · prod(kernel)].
 
     Matches the weight layout [C_out, C_in/groups, *kernel] so per-example gradients
@@ -426,7 +442,12 @@ def unfold_conv_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     B, C = x.shape[:2]
     L = math.prod(x.shape[2:2 + nd])
     perm = [0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd)]
-    cols = x.permute(perm).reshape(B, module.groups, -1, L)
+    windows = x.permute(perm)
+    if workspace is None:
+        cols = windows.reshape(B, module.groups, -1, L)
+    else:
+        cols = _scratch(workspace, "unfold", tuple(windows.shape), x).copy_(windows)
+        cols = cols.view(B, module.groups, -1, L)
     return cols.permute(0, 3, 1, 2)
 
 
@@ -445,7 +466,7 @@ class ConvKernel(_AffineKernel):
                     f"{type(module).__name__} got an unbatched input of shape {tuple(x.shape)}; "
                     "gradguard needs batched inputs (batch first)."
                 )
-            A = unfold_conv_input(module, x)
+            A = unfold_conv_input(module, x, workspace=c.workspace)
             per_group = module.out_channels // module.groups
             D = c.backprop.reshape(x.shape[0], module.groups, per_group, -1)
             D = D.permute(0, 3, 1, 2)
