@@ -573,9 +573,9 @@ def test_drop_keeps_a_regulariser_on_the_parameters():
     guard.close()
 
 
-def test_gradients_modified_before_step_are_rebuilt_with_a_warning():
-    """clip_grad_norm_ between backward and step changes .grad in place: gradguard cannot
-    correct such a gradient, so it rebuilds Σ w_j g_j / B from the captures, and says so."""
+def _drop_step_setup():
+    """A drop guard on one batch that drops some but not all examples, and the update
+    Σ_kept g_j / B it must apply, from torch.func references."""
     ds = make_data(n=8)
     model = make_mlp()
     tau = reference_threshold(model, ds, q=0.6)
@@ -583,37 +583,29 @@ def test_gradients_modified_before_step_are_rebuilt_with_a_warning():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model, opt, loader = guard.make_guarded(module=model, optimizer=opt,
                                             data_loader=DataLoader(ds, batch_size=BATCH))
-    applied = record_applied_grads(opt)
     x, y, _ = next(iter(loader))
     G = per_example_grads(model, ce_sum, x, y)
     w = (gnq_from_grads(G, LAM) <= tau).to(F64)
     assert 0 < int(w.sum()) < BATCH
+    return guard, model, opt, record_applied_grads(opt), x, y, (w[:, None] * G).sum(0) / BATCH
+
+
+def test_gradients_modified_before_step_are_rebuilt_with_a_warning():
+    """clip_grad_norm_ between backward and step changes .grad in place: gradguard cannot
+    correct such a gradient, so it rebuilds Σ w_j g_j / B from the captures, and says so."""
+    guard, model, opt, applied, x, y, rebuilt = _drop_step_setup()
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     with pytest.warns(UserWarning, match="modified between backward"):
         opt.step()
-    rebuilt = (w[:, None] * G).sum(0) / BATCH
     torch.testing.assert_close(applied[-1], rebuilt, rtol=1e-9, atol=1e-12)
-
     guard.close()
 
 
 def test_step_hook_reapplies_clipping_to_the_rewritten_gradients_without_warning():
-    ds = make_data(n=8)
-    model = make_mlp()
-    tau = reference_threshold(model, ds, q=0.6)
-    guard = gg.GradGuard(policy="drop", lam=LAM, threshold=tau)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, opt, loader = guard.make_guarded(module=model, optimizer=opt,
-                                            data_loader=DataLoader(ds, batch_size=BATCH))
-    applied = record_applied_grads(opt)
+    guard, model, opt, applied, x, y, rebuilt = _drop_step_setup()
     opt.step_hook = lambda o: torch.nn.utils.clip_grad_norm_(o.params, 1e-3)
-    x, y, _ = next(iter(loader))
-    G = per_example_grads(model, ce_sum, x, y)
-    w = (gnq_from_grads(G, LAM) <= tau).to(F64)
-    assert 0 < int(w.sum()) < BATCH
-    rebuilt = (w[:, None] * G).sum(0) / BATCH
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)

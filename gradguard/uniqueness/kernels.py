@@ -675,7 +675,6 @@ def _embedding_gram_grouped(ex: torch.Tensor, ids: torch.Tensor, D: torch.Tensor
     return K.view(B, B)
 
 
-
 class GradSamplerKernel(LayerKernel):
     """Materialises through an Opacus-style grad sampler ``fn(layer, activations, backprops)``.
 
