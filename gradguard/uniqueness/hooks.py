@@ -476,17 +476,10 @@ class GramHooks:
         Layers with ghost kernels compute it as one matmul from A and Δ (book-keeping),
         without a second backward pass and without per-example gradients.
         """
-        batch, calls = self._collect()
-        if weights.shape != (batch,):
-            raise ValueError(f"weights must have shape ({batch},), got {tuple(weights.shape)}")
+        calls, weights, jobs = self._weighted_jobs(weights)
         out: dict[nn.Parameter, torch.Tensor] = {}
-        solo, tied = self._plan(calls)
-        if self._scale != 1:
-            weights = weights * self._scale
         self._paused = True
         try:
-            jobs = [(idx, names) for idx, names in solo.items() if names]
-            jobs += [(idx, [n]) for uses in tied.values() for idx, n, _ in uses]
             for idx, names in jobs:
                 o = self._owners[idx]
                 for n, g in o.kernel.weighted_grads(o.module, calls[idx], weights, names).items():
@@ -500,14 +493,7 @@ class GramHooks:
     def add_weighted_grads_(self, weights: torch.Tensor) -> None:
         """``p.grad += Σ_j w_j g_j`` in place for every guarded parameter that has a
         ``.grad`` (see :meth:`weighted_grads`); a few non-zero weights cost a rank-k update."""
-        batch, calls = self._collect()
-        if weights.shape != (batch,):
-            raise ValueError(f"weights must have shape ({batch},), got {tuple(weights.shape)}")
-        solo, tied = self._plan(calls)
-        if self._scale != 1:
-            weights = weights * self._scale
-        jobs = [(idx, names) for idx, names in solo.items() if names]
-        jobs += [(idx, [n]) for uses in tied.values() for idx, n, _ in uses]
+        calls, weights, jobs = self._weighted_jobs(weights)
         self._paused = True
         try:
             for idx, names in jobs:
@@ -518,6 +504,19 @@ class GramHooks:
                                                 grads)
         finally:
             self._paused = False
+
+    def _weighted_jobs(self, weights: torch.Tensor):
+        """The step's calls, ``weights`` with the loss-reduction scale folded in, and the
+        (owner, parameter names) to reweight: solo parameters per owner, tied ones per use."""
+        batch, calls = self._collect()
+        if weights.shape != (batch,):
+            raise ValueError(f"weights must have shape ({batch},), got {tuple(weights.shape)}")
+        solo, tied = self._plan(calls)
+        if self._scale != 1:
+            weights = weights * self._scale
+        jobs = [(idx, names) for idx, names in solo.items() if names]
+        jobs += [(idx, [n]) for uses in tied.values() for idx, n, _ in uses]
+        return calls, weights, jobs
 
     def grads_modified(self) -> bool:
         """Whether a guarded ``.grad`` changed since the captured backward passes wrote it
