@@ -7,6 +7,7 @@ follow a symbolic link at the target path: the link itself is replaced.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -43,7 +44,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # replaces a symlink at `path`, never its target
     except BaseException:
-        with _suppress_oserror():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
@@ -71,14 +72,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return atomic_write_bytes(path, buffer.getvalue())
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        return exc_type is not None and issubclass(exc_type, OSError)
 
 
 def _fsync_dir(directory: Path) -> None:
