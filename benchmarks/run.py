@@ -116,7 +116,7 @@ def model_spec(name: str, *, scale: str = "full") -> ModelSpec:
         side, hidden = (8, (16,)) if tiny else (32, (300, 300))
 
         def build():
-            from gradguard.models import mlp
+            from gradguard.experiments.models import mlp
             return mlp((3, side, side), NUM_CLASSES, hidden=hidden)
 
         def batch(B, gen):
@@ -127,7 +127,7 @@ def model_spec(name: str, *, scale: str = "full") -> ModelSpec:
         side, channels = (8, (4, 8)) if tiny else (32, (32, 64))
 
         def build():
-            from gradguard.models import small_cnn
+            from gradguard.experiments.models import small_cnn
             return small_cnn((3, side, side), NUM_CLASSES, channels=channels)
 
         def batch(B, gen):

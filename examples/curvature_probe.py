@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 import gradguard as gg
 from gradguard.curvature import ESTIMATORS
-from gradguard.data import load_dataset
+from gradguard.experiments.data import load_dataset
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import gradguard as gg
-from gradguard.data import load_dataset
-from gradguard.models import mlp
+from gradguard.experiments.data import load_dataset
+from gradguard.experiments.models import mlp
 
 
 def _free_port() -> int:

@@ -22,9 +22,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 import gradguard as gg
-from gradguard.data import load_dataset
+from gradguard.experiments.data import load_dataset
+from gradguard.experiments.models import mlp
 from gradguard.integrations.lightning import GradGuardCallback
-from gradguard.models import mlp
 
 
 class DigitsClassifier(pl.LightningModule):

@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import gradguard
-from gradguard.data import load_dataset
+from gradguard.experiments.data import load_dataset
+from gradguard.experiments.models import make_model
 from gradguard.ledger import BOUND_ASSUMPTIONS
-from gradguard.models import make_model
 
 DELTA = 1e-5
 

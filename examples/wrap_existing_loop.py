@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import gradguard  # gradguard
-from gradguard.data import load_dataset
+from gradguard.experiments.data import load_dataset
+from gradguard.experiments.models import make_model
 from gradguard.ledger import BOUND_ASSUMPTIONS
-from gradguard.models import make_model
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ def _delta(text: str) -> float:
 
 
 def _policy_spec(text: str) -> str:
-    from gradguard.audit.compare import parse_policy_spec
+    from gradguard.experiments.compare import parse_policy_spec
 
     try:
         parse_policy_spec(text)
@@ -135,9 +135,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``gradguard`` argument parser (subcommands demo, compare, report)."""
-    from gradguard.audit.compare import ATTACKS, ComparisonConfig
-    from gradguard.data import CANARY_KINDS, DATASET_NAMES
-    from gradguard.models import MODEL_NAMES
+    from gradguard.experiments.compare import ATTACKS, ComparisonConfig
+    from gradguard.experiments.data import CANARY_KINDS, DATASET_NAMES
+    from gradguard.experiments.models import MODEL_NAMES
 
     defaults = ComparisonConfig()
     parser = argparse.ArgumentParser(
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    from gradguard.audit.compare import ComparisonConfig, demo_config
+    from gradguard.experiments.compare import ComparisonConfig, demo_config
 
     if args.command == "demo":
         return demo_config(out_dir=args.out, seed=args.seed, device=args.device)
@@ -301,7 +301,7 @@ def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
 
 
 def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gradguard.audit.compare import markdown_table, run_repeated
+    from gradguard.experiments.compare import markdown_table, run_repeated
 
     config = _config_from_args(args, parser)
     overwrite = args.overwrite or args.command == "demo"
@@ -329,7 +329,7 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def _run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gradguard.report import write_report
+    from gradguard.experiments.report import write_report
 
     if not os.path.isdir(args.run_dir):
         parser.error(f"RUN_DIR {args.run_dir!r} is not a directory")

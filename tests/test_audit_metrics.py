@@ -313,7 +313,7 @@ def test_non_numeric_scores_raise_type_error():
 def test_plots_write_pngs_without_touching_pyplot_state(tmp_path):
     import matplotlib
 
-    from gradguard.audit.plots import plot_privacy_utility, plot_roc
+    from gradguard.experiments.plots import plot_privacy_utility, plot_roc
 
     backend = matplotlib.get_backend()
     rng = np.random.default_rng(0)
@@ -339,7 +339,7 @@ def test_plots_write_pngs_without_touching_pyplot_state(tmp_path):
 
 
 def test_plots_reject_bad_input(tmp_path):
-    from gradguard.audit.plots import plot_privacy_utility, plot_roc
+    from gradguard.experiments.plots import plot_privacy_utility, plot_roc
 
     with pytest.raises(ValueError, match="curves is empty"):
         plot_roc({}, tmp_path / "roc.png")

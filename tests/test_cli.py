@@ -248,7 +248,7 @@ def test_missing_files_in_the_data_directory_fail_with_exit_1(tmp_path, capsys):
 
 
 def test_demo_runs_its_preset_and_reruns_in_place(tmp_path, monkeypatch, capsys):
-    import gradguard.audit.compare as compare
+    import gradguard.experiments.compare as compare
 
     real = compare.demo_config
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
-from gradguard.audit.compare import (
+from gradguard.experiments.compare import (
     ATTACKS,
     ComparisonConfig,
     Progress,
@@ -34,8 +34,8 @@ from gradguard.audit.compare import (
     run_comparison,
     run_repeated,
 )
-from gradguard.data import load_dataset
-from gradguard.models import make_model
+from gradguard.experiments.data import load_dataset
+from gradguard.experiments.models import make_model
 from gradguard.policies import Quantile
 
 # rdp: Opacus calibrates the noise for a target ε several times faster than with prv.

@@ -1,4 +1,4 @@
-"""Tests for gradguard.data: digits, splits, canaries, and torchvision's on-disk formats.
+"""Tests for gradguard.experiments.data: digits, splits, canaries, torchvision on-disk formats.
 
 The MNIST / Fashion-MNIST / CIFAR-10 tests write small fake copies in torchvision's exact
 layout (idx-ubyte headers with magic 2051 / 2049, CIFAR python pickles) and check that
@@ -21,7 +21,7 @@ from scipy import stats
 from sklearn.datasets import load_digits
 from torchvision.datasets import CIFAR10
 
-from gradguard.data import (
+from gradguard.experiments.data import (
     DATASET_NAMES,
     MembershipSplit,
     load_dataset,

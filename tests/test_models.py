@@ -1,4 +1,4 @@
-"""Tests for gradguard.models: shapes, BatchNorm-free ResNet, seeding, per-example safety."""
+"""Tests for gradguard.experiments.models: shapes, BatchNorm-free ResNet, seeding, safety."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torchvision.models import resnet18
 
-from gradguard.models import MODEL_NAMES, make_model, mlp, resnet18_groupnorm, small_cnn
+from gradguard.experiments.models import MODEL_NAMES, make_model, mlp, resnet18_groupnorm, small_cnn
 
 IMAGE_SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 

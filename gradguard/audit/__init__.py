@@ -1,4 +1,4 @@
-"""Membership-inference audit: metrics and attack scores (plots: ``gradguard.audit.plots``)."""
+"""Membership-inference audit: metrics and attack scores."""
 
 from gradguard.audit.attacks import (
     curvature_attack,

@@ -12,7 +12,7 @@ Three families, matching DESIGN §4:
 
 Model-facing functions run in eval mode under ``torch.no_grad()``, in batches, on the
 device of the model, and restore every submodule's train/eval flag afterwards. Training
-shadow models is the caller's job (``gradguard.audit.compare`` does it).
+shadow models is the caller's job (``gradguard.experiments.compare`` does it).
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ from .kernels import (
     LayerCall,
     LayerKernel,
     MultiheadAttentionKernel,
-    _gram_of,
     kernel_for,
 )
+from .kernels.base import _gram_of
 
 __all__ = ["GramHooks", "per_example_gnq", "UnsupportedLayerError"]
 

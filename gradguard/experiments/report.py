@@ -380,7 +380,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _comparison_sections(root: Path, results: Mapping[str, Any], *,
                          title: str = "Comparison") -> list[_Section]:
-    from gradguard.audit.compare import markdown_table
+    from gradguard.experiments.compare import markdown_table
 
     out = [_Section("h2", title)]
     rows = results.get("rows", [])

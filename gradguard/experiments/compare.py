@@ -23,7 +23,7 @@ Each trained model is then attacked on members (the training set) against non-me
 (the holdout set): loss threshold, input-loss curvature threshold (low curvature = member)
 and LiRA, online and offline, with shadow models trained on random halves of
 train ∪ holdout with the same recipe and no defence (the usual LiRA threat model; the
-shadows are shared by all rows). Canaries planted by :func:`gradguard.data.load_dataset`
+shadows are shared by all rows). Canaries planted by :func:`gradguard.experiments.data.load_dataset`
 give a worst-case view: the same metrics restricted to member canaries against holdout
 canaries.
 
@@ -110,7 +110,7 @@ class ComparisonConfig:
         max_examples: subsample at most this many rows of a large dataset (keeps CPU runs
             short); None uses everything.
         canaries: canaries planted (half in train, half in holdout); 0 for none.
-        canary_kind: ``"mislabel"`` or ``"ood"`` (see :mod:`gradguard.data`).
+        canary_kind: ``"mislabel"`` or ``"ood"`` (see :mod:`gradguard.experiments.data`).
         baseline: include the undefended row (needed by ``budget=pN`` specs).
         epsilons: DP-SGD target ε, one row each.
         delta: δ of every DP-SGD row and of the empirical ε lower bounds. Default 1e-5,
@@ -176,8 +176,8 @@ class ComparisonConfig:
             ValueError: a setting out of range or inconsistent with another.
             TypeError: a setting of the wrong type.
         """
-        from gradguard.data import CANARY_KINDS, DATASET_NAMES
-        from gradguard.models import MODEL_NAMES
+        from gradguard.experiments.data import CANARY_KINDS, DATASET_NAMES
+        from gradguard.experiments.models import MODEL_NAMES
 
         key = str(self.dataset).lower().replace("-", "").replace("_", "")
         if key not in DATASET_NAMES:
@@ -587,7 +587,7 @@ def _fit(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *
 
 
 def _load_split(config: ComparisonConfig):
-    from gradguard.data import load_dataset
+    from gradguard.experiments.data import load_dataset
 
     return load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed,
                         canaries=config.canaries, canary_kind=config.canary_kind,
@@ -610,7 +610,7 @@ def train_shadows(split, config: ComparisonConfig, *, device: torch.device | Non
     optimizer) with its own initial weights and data order.
 
     Args:
-        split: the :class:`~gradguard.data.MembershipSplit`.
+        split: the :class:`~gradguard.experiments.data.MembershipSplit`.
         config: the comparison's settings (``n_shadows`` of them; 0 returns None).
         device: where to train (default: ``config.device``).
         progress: optional progress line.
@@ -619,7 +619,7 @@ def train_shadows(split, config: ComparisonConfig, *, device: torch.device | Non
         The shadows' confidences and masks, or None without shadows.
     """
     from gradguard.audit.attacks import logit_confidence, shadow_masks
-    from gradguard.models import make_model
+    from gradguard.experiments.models import make_model
 
     if config.n_shadows == 0:
         return None
@@ -651,7 +651,7 @@ def run_row(spec: RowSpec, split, config: ComparisonConfig, *,
     Args:
         spec: the row (see :func:`row_specs`); a ``budget=pN`` setting must already be
             resolved to nats (``dataclasses.replace(spec, budget=...)``).
-        split: the :class:`~gradguard.data.MembershipSplit` every row shares.
+        split: the :class:`~gradguard.experiments.data.MembershipSplit` every row shares.
         config: the comparison's settings.
         shadows: LiRA shadows from :func:`train_shadows` (needed for the LiRA attacks).
         progress: optional progress line.
@@ -669,7 +669,7 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
 
     from gradguard.curvature.probe import CurvatureProbe
     from gradguard.engine import GradGuard
-    from gradguard.models import make_model
+    from gradguard.experiments.models import make_model
 
     if spec.budget_percentile is not None and spec.budget is None:
         raise ValueError(f"row {spec.name!r}: resolve budget=p{spec.budget_percentile:g} to "
@@ -1086,7 +1086,7 @@ def aggregate_rows(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict
 
 def _write_summary(out: Path, config: ComparisonConfig, seeds: Sequence[int],
                    rows: list[dict[str, Any]], total_seconds: float) -> None:
-    from gradguard.audit.plots import plot_privacy_utility
+    from gradguard.experiments.plots import plot_privacy_utility
 
     device = _resolve_device(config.device)
     seed_list = ", ".join(map(str, seeds))
@@ -1198,7 +1198,7 @@ def _notes(config: ComparisonConfig, split) -> list[str]:
 def _write_outputs(out: Path, config: ComparisonConfig, split, rows: list[dict[str, Any]],
                    outputs: list[_RowOutput], attacks: Sequence[str],
                    shadows: ShadowSet | None, total_seconds: float) -> None:
-    from gradguard.audit.plots import plot_privacy_utility, plot_roc
+    from gradguard.experiments.plots import plot_privacy_utility, plot_roc
 
     device = _resolve_device(config.device)
     notes = _notes(config, split)

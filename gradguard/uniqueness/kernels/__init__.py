@@ -1,0 +1,116 @@
+"""Per-layer kernels: per-example-gradient Grams and weighted gradient sums from A and Δ.
+
+A kernel turns what the hooks captured for one layer during a step (its inputs A and
+the gradients Δ of the loss w.r.t. its outputs, for every call of the layer) into
+
+- ``gram``: the layer's contribution Σ_p G_p G_pᵀ to the B×B Gram of per-example
+  gradients, from a "ghost" formula where one exists;
+- ``per_example_grads``: the materialised per-example gradients [B, *p.shape];
+- ``weighted_grads``: Σ_j w_j g_j, the gradient of a reweighted loss, without
+  materialising anything where the layer is linear in its parameters
+  (``add_weighted_grads`` accumulates it into ``.grad`` in place);
+- ``costs``: rough flop counts of the ghost and materialised routes, so the engine can
+  take the cheaper one per layer and per step.
+
+Kernels live in a registry keyed by module type, as Opacus keeps its grad samplers
+(one module per layer family, as Opacus's ``grad_sample/``). Users add one for a
+custom layer with :func:`register_kernel`. Opacus's samplers for normalisation layers
+are borrowed lazily, on the first lookup, so importing gradguard does not import Opacus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .attention import MultiheadAttentionKernel
+from .base import LayerCall, LayerKernel
+from .conv import ConvKernel
+from .embedding import EmbeddingKernel
+from .functional import FunctionalKernel, GradSamplerKernel
+from .linear import LinearKernel
+
+__all__ = [
+    "LayerCall",
+    "LayerKernel",
+    "LinearKernel",
+    "ConvKernel",
+    "EmbeddingKernel",
+    "MultiheadAttentionKernel",
+    "FunctionalKernel",
+    "GradSamplerKernel",
+    "register_kernel",
+    "kernel_for",
+    "KERNELS",
+]
+
+KERNELS: dict[type, LayerKernel] = {
+    nn.Linear: LinearKernel(),
+    nn.Conv1d: ConvKernel(),
+    nn.Conv2d: ConvKernel(),
+    nn.Conv3d: ConvKernel(),
+    nn.Embedding: EmbeddingKernel(),
+    nn.MultiheadAttention: MultiheadAttentionKernel(),
+}
+
+
+_NORM_LAYERS = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
+                                  nn.InstanceNorm2d, nn.InstanceNorm3d,
+                                  getattr(nn, "RMSNorm", None)) if t is not None)
+_opacus_borrowed = False
+
+
+def _register_opacus_samplers() -> None:
+    global _opacus_borrowed
+    _opacus_borrowed = True
+    try:
+        from opacus.grad_sample.grad_sample_module import GradSampleModule
+    except ImportError:  # pragma: no cover - opacus is a dependency
+        return
+    for layer_type in _NORM_LAYERS:
+        fn = GradSampleModule.GRAD_SAMPLERS.get(layer_type)
+        if fn is not None:
+            KERNELS.setdefault(layer_type, GradSamplerKernel(fn))  # a user's kernel wins
+
+
+_FALLBACK = FunctionalKernel()
+
+
+def register_kernel(*layer_types: type) -> Callable:
+    """Register a kernel for custom layer types (decorator).
+
+    The decorated object is either a :class:`LayerKernel` instance or subclass, or an
+    Opacus-style grad sampler ``fn(layer, activations, backprops) -> {param: [B, ...]}``.
+
+    Example:
+        >>> import torch
+        >>> class Scale(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.ones(3))
+        ...     def forward(self, x):
+        ...         return x * self.w
+        >>> @register_kernel(Scale)
+        ... def scale_grad_sample(layer, activations, backprops):
+        ...     return {layer.w: activations[0] * backprops}
+    """
+
+    def decorate(obj):
+        kernel = obj
+        if isinstance(obj, type) and issubclass(obj, LayerKernel):
+            kernel = obj()
+        elif not isinstance(obj, LayerKernel):
+            kernel = GradSamplerKernel(obj)
+        for t in layer_types:
+            KERNELS[t] = kernel
+        return obj
+
+    return decorate
+
+
+def kernel_for(module: nn.Module) -> LayerKernel:
+    """The registered kernel for ``module``'s exact type, else the torch.func fallback."""
+    if not _opacus_borrowed and isinstance(module, _NORM_LAYERS):
+        _register_opacus_samplers()
+    return KERNELS.get(type(module), _FALLBACK)

@@ -1,0 +1,32 @@
+"""``nn.Linear`` (any leading dimensions): ghost Gram (AAᵀ)⊙(ΔΔᵀ), exact on sequences."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import _AffineKernel, _Segment
+
+
+def _batch_first_3d(x: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+    if x.dim() < 2:
+        raise ValueError(
+            f"{what} got an input of shape {tuple(x.shape)} with no batch dimension; "
+            "gradguard needs batched inputs (batch first)."
+        )
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class LinearKernel(_AffineKernel):
+    """``nn.Linear`` with any number of leading dimensions.
+
+    Ghost Gram: K_ij = Σ_{t,s}(a_it·a_js)(δ_it·δ_js): the exact kernel on sequences
+    (flattening tokens into features is not the same and is wrong).
+    """
+
+    def segments(self, module, calls):
+        segs = []
+        for c in calls:
+            A = _batch_first_3d(c.activation, c.batch_size, type(module).__name__)
+            D = c.backprop.reshape(A.shape[0], A.shape[1], -1)
+            segs.append(_Segment(A.unsqueeze(2), D.unsqueeze(2), c.offset))
+        return segs
