@@ -444,11 +444,14 @@ class GradGuard:
     def _denominator(self, optimizer: GuardedOptimizer, batch: int) -> float:
         """B of the update Σ_j w_j g_j / B: 1 for sum losses; else the scale ``.grad``
         already has (a short last batch: its own size), the expected size under Poisson
-        sampling or virtual steps."""
+        sampling, virtual steps or DDP."""
         if self.loss_reduction == "sum":
             return 1.0
         expected = optimizer.expected_batch_size
-        if getattr(optimizer, "poisson_sampling", False) or optimizer.accumulated_iterations > 1:
+        if getattr(optimizer, "poisson_sampling", False) or optimizer.accumulated_iterations > 1 \
+                or self._dist is not None:
+            # (under DDP each rank's update is averaged over the ranks afterwards: every
+            # rank divides by the same expected size, as the single-process reference)
             return float(expected or max(1, batch))
         scale = self.source.backward_scale() if isinstance(self.source, HookGramSource) \
             else None
