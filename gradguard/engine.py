@@ -486,8 +486,8 @@ class GradGuard:
         if self._dist is not None:
             K, indices, own, rows = self._dist.share_batch(K, indices,
                                                            gram_dtype=self.source.gram_dtype)
-        lam = resolve_lam(K, self.lam, relative=self.relative_lam)
-        gnq = _gnq(K, lam, relative=self.relative_lam)
+        lam, lam_logged = _ridge(K, self.lam, relative=self.relative_lam)
+        gnq = gnq_from_gram(K, lam)
         if self._dist is not None:
             gnq = self._dist.share_rows(gnq, rows)
         # ---- decide
@@ -517,7 +517,7 @@ class GradGuard:
             # A hard cap: an example whose bound reached the budget is censored.
             self.ledger.censor(indices, where=self.ledger.bound(indices) >= self.budget)
         self.last_gnq, self.last_weights, self.last_indices = gnq, weights, indices
-        self.last_lam = lam
+        self.last_lam = lam_logged
         self._record()
         self.guard_seconds += time.perf_counter() - start
         if not kept_any:
@@ -770,9 +770,15 @@ class GradGuard:
         self.close()
 
 
-def _gnq(K: torch.Tensor, lam, *, relative: bool) -> torch.Tensor:
-    """GNQ of Gram K; a batch whose gradients are all zero discloses nothing (GNQ 0), also
-    under relative λ (whose ridge then vanishes)."""
+def _ridge(K: torch.Tensor, lam: float, *, relative: bool):
+    """λ for Gram K, and the λ to report.
+
+    Under relative λ a batch whose gradients are all zero has trace(K) = 0, hence λ = 0,
+    and 0/0 GNQ. Such a batch discloses nothing: with K = 0 every λ > 0 gives GNQ 0 (and
+    effective GNQ 0 whatever the policy's weights), so λ = 1 stands in for the solve,
+    while the reported λ is the formula's 0.
+    """
     if relative and not bool(torch.diagonal(K).sum() > 0):
-        return torch.zeros(K.shape[0], dtype=torch.float64, device=K.device)
-    return gnq_from_gram(K, lam)
+        return 1.0, 0.0
+    resolved = resolve_lam(K, lam, relative=relative)
+    return resolved, resolved
