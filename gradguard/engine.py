@@ -372,6 +372,10 @@ class GradGuard:
         """The wrapped optimizer stepped (or the guard took the step without it)."""
         self.source.clear()
         self._run_probe()
+        if self.save_every is not None and self.step % self.save_every == 0 and (
+                self._dist is None or self._dist.is_main):
+            # After the optimizer's step: the saved model is the one this step produced.
+            self.save_run(self.log_dir, hparams=self.hparams())
 
     def _indices_for(self, batch: int, device) -> torch.Tensor:
         if self._manual_indices is not None:
@@ -518,7 +522,8 @@ class GradGuard:
             self.ledger.censor(indices, where=self.ledger.bound(indices) >= self.budget)
         self.last_gnq, self.last_weights, self.last_indices = gnq, weights, indices
         self.last_lam = lam_logged
-        self._record()
+        if self.sink is not None and self.step % self.log_every == 0:
+            self._log_step()
         self.guard_seconds += time.perf_counter() - start
         if not kept_any:
             # Nothing kept: no optimizer step at all (no momentum, no Adam moments, no
@@ -576,13 +581,6 @@ class GradGuard:
             self._dist.average_gradients(self.source.guarded_params())
             return True
         return not weights.shape[0] or bool((weights != 0).any())
-
-    def _record(self) -> None:
-        if self.sink is not None and self.step % self.log_every == 0:
-            self._log_step()
-        if self.save_every is not None and self.step % self.save_every == 0 and (
-                self._dist is None or self._dist.is_main):
-            self.save_run(self.log_dir, hparams=self.hparams())
 
     def _log_step(self) -> None:
         stats = {"dropped_total": self.rule.dropped_total,
@@ -681,9 +679,16 @@ class GradGuard:
     def resume(self, run_dir: str | None = None) -> int:
         """Load the run directory's last complete state (``save_every`` / ``close()``).
 
-        Call after ``make_guarded`` (and after restoring your model and optimizer from
-        the checkpoint you saved at the same step). TensorBoard steps logged after that
-        state are purged, so a resumed run shows each step once.
+        Call after ``make_guarded``. With ``save_every`` the state file also holds the
+        model's and the optimizer's state at the same step (one atomic file, so they
+        always agree), and both are restored here; otherwise restore them yourself from a
+        checkpoint of the same step. Then skip the batches of the steps already taken
+        (:attr:`step` of them). TensorBoard steps logged after that state are purged, so a
+        resumed run shows each step once.
+
+        Raises:
+            FileNotFoundError: nothing saved yet (start from scratch).
+            ValueError: the saved state is not valid (the guard is left untouched).
 
         Returns:
             The step resumed at.
@@ -691,7 +696,20 @@ class GradGuard:
         run_dir = run_dir or self.log_dir
         if run_dir is None:
             raise ValueError("resume needs run_dir= (or log_dir= on the GradGuard)")
-        self.load_state_dict(rundir.load_state(run_dir))
+        state = rundir.load_state(run_dir)
+        training = state.get("training")
+        if training is not None:
+            # Validated as a whole first (a scratch load), so a bad file changes nothing.
+            scratch = self.state_dict()
+            self.load_state_dict(state)
+            try:
+                unwrap_ddp(self.module).load_state_dict(training["model"])
+                self.optimizer.original_optimizer.load_state_dict(training["optimizer"])
+            except Exception:
+                self.load_state_dict(scratch)
+                raise
+        else:
+            self.load_state_dict(state)
         if self.sink is not None:
             from .tensorboard import TensorBoardSink
 
@@ -761,7 +779,13 @@ class GradGuard:
                    for r in getattr(self.curvature, "history", [])]
         doc = {"config": hparams or {}, "summary": self.summary(),
                "bound_assumptions": BOUND_ASSUMPTIONS, "curvature_history": history}
-        rundir.save_run(run_dir, state=self.state_dict(), summary=doc)
+        state = self.state_dict()
+        if self.save_every is not None:
+            # Model and optimizer at the same step, in the same atomic file: a run killed
+            # at any moment resumes from one consistent state (see resume()).
+            state["training"] = {"model": unwrap_ddp(self.module).state_dict(),
+                                 "optimizer": self.optimizer.original_optimizer.state_dict()}
+        rundir.save_run(run_dir, state=state, summary=doc)
 
     def __enter__(self) -> GradGuard:
         return self

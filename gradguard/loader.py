@@ -68,6 +68,11 @@ class IndexTrackingLoader:
     def __getattr__(self, name):
         return getattr(self.loader, name)
 
+    def discard(self) -> None:
+        """Forget the batches handed out since the last step: batches the loop skips
+        without a step (e.g. those already trained on, when resuming)."""
+        self.consumed.clear()
+
     def take(self, batch_size: int, device=None) -> torch.Tensor:
         """Dataset indices of the examples behind the step's ``batch_size`` gradients.
 
