@@ -6,13 +6,13 @@ to DP-SGD.
 """
 
 from . import audit
+from .config import GuardConfig
 from .curvature import CurvatureProbe, ProbeResult, input_curvature
 from .engine import GradGuard, NonFiniteGradientError
-from .config import GuardConfig
 from .ledger import DisclosureLedger
 from .optimizer import GuardedOptimizer, StepObserver
-from .rundir import load_state
 from .policies import Clip, Drop, Monitor, Quantile
+from .rundir import load_state
 from .uniqueness.gnq import disclosure_bound, gnq_from_grads, gnq_from_gram
 from .uniqueness.hooks import GramHooks, UnsupportedLayerError, per_example_gnq
 from .uniqueness.kernels import LayerKernel, register_kernel

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 import warnings
 import weakref
@@ -643,7 +642,7 @@ class GradGuard:
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from GradGuard.state_dict(), got "
                             f"{type(state).__name__}")
-        version = state.get("version", None)
+        version = state.get("version")
         if not isinstance(version, torch.Tensor) or version.numel() != 1 or \
                 int(version) != _STATE_VERSION:
             raise ValueError(f"unknown GradGuard state version {version!r}")
