@@ -188,6 +188,8 @@ class GradGuard:
         self.guard_seconds = 0.0
         self.probe_seconds = 0.0
         self._manual_indices: torch.Tensor | None = None
+        self.grad_scaler = None
+        self._loss_scale = 1.0  # the GradScaler's scale of the step being measured
         self._dist: DistributedSync | None = None  # set by make_guarded under DDP
         self._closed = False
         self._warned_modified = False
@@ -195,7 +197,8 @@ class GradGuard:
     # ------------------------------------------------------------------ wiring
     def make_guarded(self, *, module: nn.Module, optimizer: Optimizer,
                      data_loader: DataLoader | None = None, loss_reduction: str = "mean",
-                     params: Iterable[nn.Parameter] | None = None, batch_first: bool = True):
+                     params: Iterable[nn.Parameter] | None = None, batch_first: bool = True,
+                     grad_scaler=None):
         """Attach to a model, optimizer and data loader; the loop stays as it was.
 
         Args:
@@ -208,6 +211,12 @@ class GradGuard:
             loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces over the batch.
             params: restrict the guarded parameters (default: all trainable ones).
             batch_first: whether model inputs are batch first.
+            grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop
+                (``scaler.scale(loss).backward(); scaler.step(optimizer)``). Its scale is
+                read at every step, so GNQ is in the loss's true scale and rebuilt
+                gradients are unscaled like the ones the scaler unscaled; steps the scaler
+                skips for inf/NaN never reach the guard and are not counted. Without it a
+                scaled loss inflates GNQ by the scale squared.
 
         Returns:
             ``(module, optimizer, data_loader)`` to use in the loop.
@@ -241,6 +250,14 @@ class GradGuard:
         dp = is_dp_optimizer(optimizer)
         if dp:
             self._check_opacus(optimizer, loss_reduction)
+        if grad_scaler is not None and not (callable(getattr(grad_scaler, "get_scale", None))
+                                            and callable(getattr(grad_scaler, "is_enabled",
+                                                                 None))):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
+                            f"{type(grad_scaler).__name__}")
+        if grad_scaler is not None and dp:
+            raise ValueError("grad_scaler with an Opacus DPOptimizer is not supported: Opacus "
+                             "clips the scaled per-example gradients itself")
         source = gram_source_for(core, optimizer, policy_acts=self.rule.acts,
                                  loss_reduction=loss_reduction, batch_first=batch_first,
                                  strategy=self.strategy, gram_dtype=self.gram_dtype,
@@ -255,6 +272,7 @@ class GradGuard:
         self.hooks = getattr(source, "hooks", None)
         _ATTACHED[core] = weakref.ref(self)
         self.loss_reduction = loss_reduction
+        self.grad_scaler = grad_scaler
         expected, poisson = self._expected_batch_size(optimizer, data_loader)
         self.optimizer = GuardedOptimizer(optimizer, guard=self, expected_batch_size=expected,
                                           loss_reduction=loss_reduction)
@@ -359,9 +377,20 @@ class GradGuard:
 
     # ------------------------------------------------------------------ step observer
     def on_zero_grad(self, optimizer: GuardedOptimizer) -> None:
-        """The loop cleared the gradients: forget the captures of the last step."""
-        if self.source is not None:
-            self.source.clear()
+        """The loop cleared the gradients: forget the captures of the last step.
+
+        Captures still here belong to backward passes that never reached a step (a
+        GradScaler skipped it for inf/NaN): their batches are forgotten too.
+        """
+        if self.source is None:
+            return
+        pending = 0
+        if isinstance(self.source, HookGramSource):
+            with contextlib.suppress(Exception):  # (a step would report any capture error)
+                pending = self.source.batch_size
+        self.source.clear()
+        if pending and self.loader is not None:
+            self.loader.discard_oldest(pending)
 
     def on_micro_step(self, optimizer: GuardedOptimizer) -> None:
         """A virtual (skipped) step: keep what is needed for the logical batch's GNQ."""
@@ -489,6 +518,12 @@ class GradGuard:
         if self._dist is not None:
             K, indices, own, rows = self._dist.share_batch(K, indices,
                                                            gram_dtype=self.source.gram_dtype)
+        self._loss_scale = 1.0
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            # The captures carry the loss scale S (scaler.scale(loss).backward()): K is S²
+            # too large. Read the scale this backward used, never guess it.
+            self._loss_scale = float(self.grad_scaler.get_scale())
+            K = K / self._loss_scale ** 2
         lam, lam_logged = _ridge(K, self.lam, relative=self.relative_lam)
         gnq = gnq_from_gram(K, lam)
         if self._dist is not None:
@@ -564,6 +599,7 @@ class GradGuard:
                         p.grad.mul_(scale / denom)
             return True
         if (optimizer.step_hook is None and not self._warned_modified
+                and self.grad_scaler is None  # its unscale_ is accounted for below
                 and optimizer.accumulated_iterations == 1 and self.source.grads_modified()):
             self._warned_modified = True
             warnings.warn(
@@ -574,7 +610,9 @@ class GradGuard:
                 "rewritten gradients in optimizer.step_hook (called after the policy, "
                 "before the step), or use Opacus for a bounded update norm (make_guarded "
                 "accepts a DPOptimizer).", stacklevel=5)
-        self.source.apply(weights, denom=denom)
+        # Rebuilt from the scaled captures, divided by the loss scale: unscaled, as the
+        # gradients the scaler unscaled (never a mix of the two).
+        self.source.apply(weights, denom=denom * self._loss_scale)
         if self._dist is not None:
             # DDP averaged the gradients during backward, before this rewrite.
             self._dist.average_gradients(self.source.guarded_params())

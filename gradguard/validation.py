@@ -38,7 +38,7 @@ def check_real(name: str, value: Any, *, positive: bool = False, nonnegative: bo
     Example:
         >>> check_real("lam", 1e-2, positive=True)
         0.01
-        >>> check_real("lam", True)
+        >>> check_real("lam", True, positive=True)
         Traceback (most recent call last):
         ...
         ValueError: lam must be a finite number > 0, got True (bool)
