@@ -40,6 +40,7 @@ from .optimizer import GuardedOptimizer
 from .policies import Policy, Quantile, make_policy
 from .sources import HookGramSource, OpacusGramSource, gram_source_for, is_dp_optimizer
 from .uniqueness.gnq import gnq_from_gram, resolve_lam
+from .validation import check_int
 
 __all__ = ["GradGuard", "NonFiniteGradientError"]
 
@@ -115,10 +116,11 @@ class GradGuard:
     or the expected batch size under Poisson sampling (as Opacus's DPOptimizer).
 
     Gradient accumulation: several ``backward()`` calls before one ``step()`` form one
-    logical batch; under ``loss_reduction="mean"`` each micro-batch's loss is the mean
-    over that micro-batch (each example's gradient is the micro-batch size times its
-    captured gradient, as Opacus's virtual steps), and the update is their sum over the
-    micro-batch size.
+    logical batch. Under ``loss_reduction="mean"``, by default each micro-batch's loss is
+    the mean over that micro-batch (as Opacus's virtual steps); with the usual
+    ``(loss / N).backward()`` pass ``accumulation_steps=N`` to ``make_guarded``. Either
+    way the update applied is the plain accumulated one, Σ_j w_j g_j over the same
+    denominator. A step with several micro-batches under the default warns once.
 
     Resume recipe (a run killed at any moment): build the model, optimizer, loader and
     a guard with the same settings, ``make_guarded``, restore your own model/optimizer
@@ -189,6 +191,8 @@ class GradGuard:
         self.probe_seconds = 0.0
         self._manual_indices: torch.Tensor | None = None
         self.grad_scaler = None
+        self.accumulation_steps = 1
+        self._warned_accumulation = False
         self._loss_scale = 1.0  # the GradScaler's scale of the step being measured
         self._dist: DistributedSync | None = None  # set by make_guarded under DDP
         self._closed = False
@@ -198,7 +202,7 @@ class GradGuard:
     def make_guarded(self, *, module: nn.Module, optimizer: Optimizer,
                      data_loader: DataLoader | None = None, loss_reduction: str = "mean",
                      params: Iterable[nn.Parameter] | None = None, batch_first: bool = True,
-                     grad_scaler=None):
+                     grad_scaler=None, accumulation_steps: int = 1):
         """Attach to a model, optimizer and data loader; the loop stays as it was.
 
         Args:
@@ -217,6 +221,13 @@ class GradGuard:
                 gradients are unscaled like the ones the scaler unscaled; steps the scaler
                 skips for inf/NaN never reach the guard and are not counted. Without it a
                 scaled loss inflates GNQ by the scale squared.
+            accumulation_steps: with gradient accumulation in a plain loop (several
+                ``backward()`` per ``step()``), the N each micro-batch's loss is divided by
+                (``(loss / N).backward()``, the usual convention). Each example's gradient
+                is then N × micro-batch size × its captured gradient. Default 1: each
+                micro-batch's loss is its own mean, undivided; a step with several
+                micro-batches and ``accumulation_steps=1`` warns once, since a loss divided
+                by N would make GNQ N² too large.
 
         Returns:
             ``(module, optimizer, data_loader)`` to use in the loop.
@@ -255,6 +266,7 @@ class GradGuard:
                                                                  None))):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
                             f"{type(grad_scaler).__name__}")
+        check_int("accumulation_steps", accumulation_steps, minimum=1)
         if grad_scaler is not None and dp:
             raise ValueError("grad_scaler with an Opacus DPOptimizer is not supported: Opacus "
                              "clips the scaled per-example gradients itself")
@@ -273,6 +285,7 @@ class GradGuard:
         _ATTACHED[core] = weakref.ref(self)
         self.loss_reduction = loss_reduction
         self.grad_scaler = grad_scaler
+        self.accumulation_steps = accumulation_steps
         expected, poisson = self._expected_batch_size(optimizer, data_loader)
         self.optimizer = GuardedOptimizer(optimizer, guard=self, expected_batch_size=expected,
                                           loss_reduction=loss_reduction)
@@ -429,6 +442,19 @@ class GradGuard:
             self._dist.keep_rows(self.source.rows()[0])
         return K
 
+    def _check_accumulation(self) -> None:
+        """Warn once when several micro-batches reach one step with accumulation_steps=1."""
+        if (self.accumulation_steps == 1 and not self._warned_accumulation
+                and self.loader is not None and len(self.loader.consumed) > 1
+                and isinstance(self.source, HookGramSource)):
+            self._warned_accumulation = True
+            warnings.warn(
+                f"{len(self.loader.consumed)} batches reached one optimizer step (gradient "
+                "accumulation): gradguard takes each micro-batch's loss to be its own mean "
+                f"(loss_reduction={self.loss_reduction!r}). If you divide each micro-batch's "
+                "loss by the number of accumulation steps N, pass accumulation_steps=N to "
+                "make_guarded, or GNQ is N² too large.", stacklevel=5)
+
     def _skip_or_raise(self, optimizer: GuardedOptimizer, message: str) -> bool:
         """``on_nonfinite``: skip the step (returns False) or raise ``message``."""
         if self.on_nonfinite == "skip":
@@ -506,6 +532,7 @@ class GradGuard:
         K = self._gram()
         B = K.shape[0]
         device = self.ledger.device
+        self._check_accumulation()
         indices = self._indices_for(B, device)
         if B == 0 and self._dist is None:  # under DDP the other ranks still need this one
             return self._empty_step(optimizer, device)
@@ -524,6 +551,11 @@ class GradGuard:
             # too large. Read the scale this backward used, never guess it.
             self._loss_scale = float(self.grad_scaler.get_scale())
             K = K / self._loss_scale ** 2
+        if self.accumulation_steps > 1:
+            # Micro-batch losses divided by N: the captures are g_j / N. (The rebuilt
+            # update needs no factor: Σ_j w_j g_j / (N · micro-batch size) is what the
+            # plain accumulated .grad holds.)
+            K = K * float(self.accumulation_steps) ** 2
         lam, lam_logged = _ridge(K, self.lam, relative=self.relative_lam)
         gnq = gnq_from_gram(K, lam)
         if self._dist is not None:

@@ -384,3 +384,64 @@ def test_close_logs_a_summary(tmp_path, caplog):
         guard.close()
     text = caplog.text
     assert "2 steps" in text and "16 examples seen" in text and "realised rate" in text
+
+
+# --------------------------------------------------------------------- accumulation
+@pytest.mark.parametrize("policy", ["monitor", "drop"])
+def test_accumulation_with_divided_losses(policy):
+    """(loss / N).backward() over N micro-batches with accumulation_steps=N: GNQ of the
+    logical batch in the true scale; the update is plain accumulation over the kept ones."""
+    ds = make_data(n=24)
+    model = make_mlp()
+    kwargs = {} if policy == "monitor" else {"threshold": gg.Quantile(0.7)}
+    guard = gg.GradGuard(policy=policy, lam=LAM, **kwargs)
+    model, opt, loader = guard.make_guarded(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.2),
+        data_loader=DataLoader(ds, batch_size=4), accumulation_steps=3)
+    inner = opt.original_optimizer
+    applied, original_step = [], inner.step
+
+    def step(*args, **kwargs):
+        applied.append(flat_grads(model))
+        return original_step(*args, **kwargs)
+
+    inner.step = step
+    batches = iter(loader)
+    for _ in range(2):
+        micro = [next(batches) for _ in range(3)]
+        x = torch.cat([m[0] for m in micro])
+        y = torch.cat([m[1] for m in micro])
+        G = per_example_grads(model, ce_sum, x, y)
+        want = gnq_explicit(G, LAM)
+        opt.zero_grad()
+        for xb, yb in micro:
+            (F.cross_entropy(model(xb), yb) / 3).backward()
+        opt.step()
+        torch.testing.assert_close(guard.last_gnq, want, rtol=1e-9, atol=1e-12)
+        w = guard.last_weights
+        if policy == "drop":
+            assert 0 < int((w == 0).sum()) < 12
+        torch.testing.assert_close(applied[-1], (w[:, None] * G).sum(0) / 12, rtol=1e-9,
+                                   atol=1e-12)
+    guard.close()
+
+
+def flat_grads(model):
+    return torch.cat([p.grad.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+def test_accumulation_without_declaring_it_warns():
+    ds = make_data(n=16)
+    model = make_mlp()
+    guard = gg.GradGuard(lam=LAM)
+    model, opt, loader = guard.make_guarded(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.2),
+        data_loader=DataLoader(ds, batch_size=4))
+    batches = iter(loader)
+    opt.zero_grad()
+    for _ in range(2):
+        xb, yb = next(batches)
+        (F.cross_entropy(model(xb), yb) / 2).backward()
+    with pytest.warns(UserWarning, match="pass accumulation_steps=N"):
+        opt.step()
+    guard.close()
