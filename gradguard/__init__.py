@@ -6,11 +6,13 @@ to DP-SGD.
 """
 
 from . import audit
+from .config import GuardConfig
 from .curvature import CurvatureProbe, ProbeResult, input_curvature
 from .engine import GradGuard, NonFiniteGradientError
 from .ledger import DisclosureLedger
-from .optimizer import GuardedOptimizer
-from .policies import Quantile
+from .optimizer import GuardedOptimizer, StepObserver
+from .policies import Clip, Drop, Monitor, Quantile
+from .rundir import load_state
 from .uniqueness.gnq import disclosure_bound, gnq_from_grads, gnq_from_gram
 from .uniqueness.hooks import GramHooks, UnsupportedLayerError, per_example_gnq
 from .uniqueness.kernels import LayerKernel, register_kernel
@@ -27,6 +29,12 @@ __all__ = [
     "NonFiniteGradientError",
     "DisclosureLedger",
     "Quantile",
+    "Monitor",
+    "Clip",
+    "Drop",
+    "GuardConfig",
+    "StepObserver",
+    "load_state",
     "gnq_from_gram",
     "gnq_from_grads",
     "disclosure_bound",

@@ -1,19 +1,28 @@
 """GradGuard: the plugin a training loop is wrapped with.
 
-``make_guarded`` attaches the GNQ hooks to the model, wraps the optimizer in a
-:class:`~gradguard.optimizer.GuardedOptimizer` and rebuilds the data loader so the
-dataset index of every example in a batch is known. The loop itself is unchanged:
-on every ``optimizer.step()`` the guard measures per-example gradient uniqueness,
-applies the policy, records the ledger, logs to TensorBoard and runs the curvature
-probe on its schedule.
+``make_guarded`` attaches a Gram source (GNQ hooks on the model, or Opacus's per-sample
+gradients) and wraps the optimizer in a :class:`~gradguard.optimizer.GuardedOptimizer`,
+whose step observer the guard is, and rebuilds the data loader so the dataset index of
+every example in a batch is known. The loop itself is unchanged. One optimizer step is a
+pipeline:
+
+1. **measure**: the Gram source gives the B×B Gram K of per-example gradients;
+   λ and GNQ follow from it (:func:`~gradguard.uniqueness.gnq.gnq_from_gram`);
+2. **decide**: the policy object (:class:`~gradguard.policies.Monitor`, ``Clip``,
+   ``Drop``) turns GNQ into per-example weights (nothing is recorded yet);
+3. **apply**: the Gram source makes the update Σ_j w_j g_j / B, and the gradients about
+   to be applied are checked for NaN/Inf;
+4. **record**: the policy commits its decision, the ledger is updated, sinks log, the
+   run directory is refreshed every ``save_every`` steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import logging
 import time
 import warnings
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,42 +31,27 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from .distributed import (
-    GNQ_MODES,
-    DistributedSync,
-    flatten_per_example,
-    gram_from_rows,
-    resolve_sync,
-    unwrap_ddp,
-)
+from . import rundir
+from .config import GuardConfig
+from .distributed import DistributedSync, gram_from_rows, resolve_sync, unwrap_ddp
 from .ledger import BOUND_ASSUMPTIONS, DisclosureLedger
 from .loader import IndexTrackingLoader, track_indices
 from .optimizer import GuardedOptimizer
-from .policies import POLICIES, Quantile, budget_thresholds, policy_weights
+from .policies import Policy, Quantile, make_policy
+from .sources import HookGramSource, OpacusGramSource, gram_source_for, is_dp_optimizer
 from .uniqueness.gnq import gnq_from_gram, resolve_lam
-from .uniqueness.hooks import GramHooks
+from .validation import check_int
 
 __all__ = ["GradGuard", "NonFiniteGradientError"]
 
 _STATE_VERSION = 1
+_LOG = logging.getLogger("gradguard")
+# Models a live GradGuard is attached to: a second one on the same model is refused.
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class NonFiniteGradientError(FloatingPointError):
     """A step's loss or per-example gradients are NaN or Inf."""
-
-
-def _owns_layout(g: torch.Tensor, p: torch.Tensor) -> bool:
-    """``g`` can become ``p.grad`` as is: p's strides, and a storage of its own."""
-    return (g.stride() == p.stride() and g.storage_offset() == 0
-            and g.untyped_storage().nbytes() == g.numel() * g.element_size())
-
-
-def _is_dp_optimizer(optimizer: Optimizer) -> bool:
-    try:
-        from opacus.optimizers import DPOptimizer
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(optimizer, DPOptimizer)
 
 
 class GradGuard:
@@ -68,23 +62,30 @@ class GradGuard:
             with virtual steps (``signal_skip_step``) on a plain optimizer, where the
             logical batch's Σ_j g_j / expected batch size is rebuilt from the captures),
             ``"clip"`` (scale example j by min(1, sqrt(τ/GNQ_j)), iterated until no
-            example's effective GNQ exceeds τ) or ``"drop"`` (weight 0 when GNQ_j > τ).
+            example's effective GNQ exceeds τ) or ``"drop"`` (weight 0 when GNQ_j > τ);
+            or a policy object, :class:`~gradguard.policies.Monitor`, ``Clip(...)`` or
+            ``Drop(...)`` (then threshold and budget go to the object).
         lam: ridge λ > 0 of GNQ (default 1e-2, the GNQ authors' value), or the factor ρ
             of λ = ρ·trace(K)/B with ``relative_lam=True``.
-        relative_lam: make λ follow the gradients' scale.
-        threshold: τ, a number, or :class:`~gradguard.policies.Quantile` to calibrate it
-            on the run's own recent GNQ values. Required by ``clip``; ``drop`` needs a
-            threshold, a budget or both.
-        budget: cumulative disclosure budget in nats (of the ledger's bound). With
-            ``clip`` or ``drop``: an example whose GNQ this step would take its bound past
-            the budget is dropped (``clip``: scaled to fit), and an example whose bound
-            reaches the budget is censored for the rest of training.
-        log_dir: TensorBoard run directory (``None``: no logging).
+        relative_lam: make λ follow the gradients' scale. A batch whose gradients are
+            all zero has GNQ 0.
+        threshold: τ, a number, or :class:`~gradguard.policies.Quantile` (about the top
+            ``1 - q`` of each step's examples; the realised rate is logged as
+            ``policy/realised_rate``). Required by ``clip``; ``drop`` needs a threshold,
+            a budget or both.
+        budget: cumulative disclosure budget in nats (of the ledger's bound), a hard cap.
+            With ``clip`` or ``drop``: an example whose effective GNQ this step would take
+            its bound past the budget is dropped (``clip``: scaled to fit), and an example
+            whose budget is exhausted is censored for the rest of training.
+        log_dir: run directory: TensorBoard logs, ``gradguard_state.pt`` and
+            ``summary.json`` (``None``: no logging).
         log_every: log scalars every this many steps.
         curvature: a :class:`~gradguard.curvature.CurvatureProbe`, run after the steps
             its schedule names.
         on_nonfinite: ``"raise"`` (default, an error naming the step and examples) or
-            ``"skip"`` (the step is skipped, the ledger untouched, the skip counted).
+            ``"skip"`` (the step is skipped, the ledger untouched, the skip counted). The
+            check covers the per-example gradients and the final gradient of every
+            parameter the optimizer is about to update.
         strategy: ``"auto"``, ``"ghost"`` or ``"materialise"`` per-layer Gram route.
         gram_dtype: dtype of layer Grams (default float32; float64 for float64 models).
         top_k: rows of the most-disclosing-examples table.
@@ -100,6 +101,31 @@ class GradGuard:
             global-batch GNQ by all-gathering per-example gradients: B_global × P memory
             per rank). See :mod:`gradguard.distributed`.
         process_group: the ``torch.distributed`` group to agree within (default: world).
+        save_every: write ``gradguard_state.pt`` and ``summary.json`` into ``log_dir``
+            every this many steps (atomically), so a killed run resumes from its last
+            complete state (see :meth:`resume`).
+
+    What a dropped example's influence is: none. When some weight is not 1 the guarded
+    gradients are rebuilt from the captured per-example gradients as Σ_j w_j g_j / B, so
+    a dropped example adds an exact 0; when no example is kept, the wrapped optimizer
+    does not step at all (no momentum, no Adam moment update, no decoupled weight decay:
+    the step is as if the batch had not been drawn). A rebuilt update leaves out loss
+    terms that no guarded layer sees (e.g. a penalty on the parameters added to the
+    loss): use the optimizer's ``weight_decay`` instead. When every weight is 1, ``.grad``
+    is left as the loop computed it. B is the batch's own size (a short last batch too),
+    or the expected batch size under Poisson sampling (as Opacus's DPOptimizer).
+
+    Gradient accumulation: several ``backward()`` calls before one ``step()`` form one
+    logical batch. Under ``loss_reduction="mean"``, by default each micro-batch's loss is
+    the mean over that micro-batch (as Opacus's virtual steps); with the usual
+    ``(loss / N).backward()`` pass ``accumulation_steps=N`` to ``make_guarded``. Either
+    way the update applied is the plain accumulated one, Σ_j w_j g_j over the same
+    denominator. A step with several micro-batches under the default warns once.
+
+    Resume recipe (a run killed at any moment): build the model, optimizer, loader and
+    a guard with the same settings, ``make_guarded``, restore your own model/optimizer
+    checkpoint, then ``guard.resume(log_dir)`` (the state written by ``save_every`` or
+    ``close()``); TensorBoard steps logged after that state are purged.
 
     Example:
         >>> import torch, gradguard as gg
@@ -118,53 +144,33 @@ class GradGuard:
         >>> guard.close()
     """
 
-    def __init__(self, *, policy: str = "monitor", lam: float = 1e-2, relative_lam: bool = False,
-                 threshold: float | Quantile | None = None, budget: float | None = None,
-                 log_dir: str | None = None, log_every: int = 10, curvature=None,
-                 on_nonfinite: str = "raise", strategy: str = "auto",
+    def __init__(self, *, policy: str | Policy = "monitor", lam: float = 1e-2,
+                 relative_lam: bool = False, threshold: float | Quantile | None = None,
+                 budget: float | None = None, log_dir: str | None = None, log_every: int = 10,
+                 curvature=None, on_nonfinite: str = "raise", strategy: str = "auto",
                  gram_dtype: torch.dtype | None = None, top_k: int = 10,
                  num_examples: int | None = None, distributed: bool | None = None,
-                 distributed_gnq: str = "local", process_group=None):
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        resolve_lam(torch.zeros(1, 1), lam)  # validates lam
-        if threshold is not None and not isinstance(threshold, Quantile) and not (
-                isinstance(threshold, (int, float)) and threshold > 0):
-            raise ValueError(
-                f"threshold must be a number > 0 or gradguard.Quantile(q), got {threshold!r}")
-        if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
-            raise ValueError(f"budget must be a number of nats > 0, got {budget!r}")
-        if policy == "clip" and threshold is None and budget is None:
-            raise ValueError("policy='clip' needs threshold= (a GNQ value or "
-                             "gradguard.Quantile(q)) or budget= (nats)")
-        if policy == "drop" and threshold is None and budget is None:
-            raise ValueError("policy='drop' needs threshold= (a GNQ value or "
-                             "gradguard.Quantile(q)) or budget= (nats)")
-        if policy == "monitor" and (threshold is not None or budget is not None):
-            raise ValueError("policy='monitor' never acts on GNQ; threshold/budget need "
-                             "policy='clip' or 'drop'")
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-        if log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {log_every}")
-        if distributed_gnq not in GNQ_MODES:
-            raise ValueError(f"distributed_gnq must be one of {GNQ_MODES} (GNQ over each rank's "
-                             f"batch, or exact over the global batch), got {distributed_gnq!r}")
-        self.policy = policy
-        self.lam = float(lam)
-        self.relative_lam = relative_lam
-        self.threshold = threshold
-        self.budget = budget
-        self.log_dir = log_dir
-        self.log_every = log_every
+                 distributed_gnq: str = "local", process_group=None,
+                 save_every: int | None = None):
+        rule = make_policy(policy, threshold=threshold, budget=budget)
+        self.config = GuardConfig(
+            policy=rule.name, lam=lam, relative_lam=relative_lam, threshold=rule.threshold,
+            budget=rule.budget, log_dir=log_dir, log_every=log_every,
+            on_nonfinite=on_nonfinite, strategy=strategy, gram_dtype=gram_dtype, top_k=top_k,
+            num_examples=num_examples, distributed=distributed,
+            distributed_gnq=distributed_gnq, save_every=save_every)
+        #: The policy object: decides each step's weights and owns its state.
+        self.rule: Policy = rule
+        c = self.config
+        self.policy = rule.name
+        self.lam, self.relative_lam = c.lam, c.relative_lam
+        self.threshold, self.budget = c.threshold, c.budget
+        self.log_dir, self.log_every, self.save_every = c.log_dir, c.log_every, c.save_every
+        self.on_nonfinite, self.strategy, self.gram_dtype = c.on_nonfinite, c.strategy, \
+            c.gram_dtype
+        self.top_k, self.num_examples = c.top_k, c.num_examples
+        self.distributed, self.distributed_gnq = c.distributed, c.distributed_gnq
         self.curvature = curvature
-        self.on_nonfinite = on_nonfinite
-        self.strategy = strategy
-        self.gram_dtype = gram_dtype
-        self.top_k = top_k
-        self.num_examples = num_examples
-        self.distributed = distributed
-        self.distributed_gnq = distributed_gnq
         self.process_group = process_group
 
         self.ledger: DisclosureLedger | None = None
@@ -172,7 +178,9 @@ class GradGuard:
         self.optimizer: GuardedOptimizer | None = None
         self.loader: IndexTrackingLoader | None = None
         self.sink = None
-        self.hooks: GramHooks | None = None
+        self.source: HookGramSource | OpacusGramSource | None = None
+        self.hooks = None  # the GramHooks of a hook source (None under Opacus)
+        self.loss_reduction = "mean"
         self.step = 0  # real (not skipped) optimizer steps taken
         self.skipped_nonfinite = 0
         self.last_gnq: torch.Tensor | None = None  # GNQ measured at the last step
@@ -181,12 +189,11 @@ class GradGuard:
         self.last_lam: float | torch.Tensor = self.lam
         self.guard_seconds = 0.0
         self.probe_seconds = 0.0
-        self._dropped_total: torch.Tensor | float = 0.0
-        self._clipped_total: torch.Tensor | float = 0.0
-        self._window: list[torch.Tensor] = []
         self._manual_indices: torch.Tensor | None = None
-        self._dp = False
-        self._stash: list[torch.Tensor] = []
+        self.grad_scaler = None
+        self.accumulation_steps = 1
+        self._warned_accumulation = False
+        self._loss_scale = 1.0  # the GradScaler's scale of the step being measured
         self._dist: DistributedSync | None = None  # set by make_guarded under DDP
         self._closed = False
         self._warned_modified = False
@@ -194,42 +201,95 @@ class GradGuard:
     # ------------------------------------------------------------------ wiring
     def make_guarded(self, *, module: nn.Module, optimizer: Optimizer,
                      data_loader: DataLoader | None = None, loss_reduction: str = "mean",
-                     params: Iterable[nn.Parameter] | None = None, batch_first: bool = True):
+                     params: Iterable[nn.Parameter] | None = None, batch_first: bool = True,
+                     grad_scaler=None, accumulation_steps: int = 1):
         """Attach to a model, optimizer and data loader; the loop stays as it was.
 
         Args:
             module: the model (or Opacus's ``GradSampleModule`` from ``make_private``).
-            optimizer: its optimizer (or Opacus's ``DPOptimizer``).
+            optimizer: its optimizer (or Opacus's ``DPOptimizer``). Every parameter it
+                updates must be one of the model's guarded parameters.
             data_loader: the training loader; rebuilt so each batch's dataset indices are
                 known (the batches it yields are unchanged). Without one, call
                 :meth:`set_batch_indices` before each step.
             loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces over the batch.
             params: restrict the guarded parameters (default: all trainable ones).
             batch_first: whether model inputs are batch first.
+            grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop
+                (``scaler.scale(loss).backward(); scaler.step(optimizer)``). Its scale is
+                read at every step, so GNQ is in the loss's true scale and rebuilt
+                gradients are unscaled like the ones the scaler unscaled; steps the scaler
+                skips for inf/NaN never reach the guard and are not counted. Without it a
+                scaled loss inflates GNQ by the scale squared.
+            accumulation_steps: with gradient accumulation in a plain loop (several
+                ``backward()`` per ``step()``), the N each micro-batch's loss is divided by
+                (``(loss / N).backward()``, the usual convention). Each example's gradient
+                is then N × micro-batch size × its captured gradient. Default 1: each
+                micro-batch's loss is its own mean, undivided; a step with several
+                micro-batches and ``accumulation_steps=1`` warns once, since a loss divided
+                by N would make GNQ N² too large.
 
         Returns:
             ``(module, optimizer, data_loader)`` to use in the loop.
 
         Raises:
-            ValueError: bad ``loss_reduction``, or a ``loss_reduction`` contradicting the
-                wrapped Opacus optimizer's.
+            TypeError: ``module`` or ``optimizer`` is missing or of the wrong kind.
+            ValueError: bad ``loss_reduction``, a ``loss_reduction`` contradicting the
+                wrapped Opacus optimizer's, or an optimizer updating parameters gradguard
+                does not guard (they would learn from dropped examples).
+            RuntimeError: this guard is already attached, or another live GradGuard is
+                attached to the model.
         """
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum' (how your loss reduces "
                              f"over the batch), got {loss_reduction!r}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer over the model's parameters, got "
+                f"{type(optimizer).__name__}: gradguard shapes each step in optimizer.step()")
         if self.module is not None:
             raise RuntimeError("this GradGuard is already attached; create one per model")
-        self._dp = _is_dp_optimizer(optimizer)
-        if self._dp:
+        core = unwrap_ddp(module)
+        other = _ATTACHED.get(core)
+        if other is not None and other() is not None and not other()._closed:
+            raise RuntimeError(
+                "another GradGuard is already attached to this model: two guards would both "
+                "rewrite its gradients and each miss the other's decisions. close() the first "
+                "one, or use a single guard.")
+        dp = is_dp_optimizer(optimizer)
+        if dp:
             self._check_opacus(optimizer, loss_reduction)
-        else:
-            self.hooks = GramHooks(unwrap_ddp(module), loss_reduction=loss_reduction,
-                                   batch_first=batch_first, strategy=self.strategy,
-                                   gram_dtype=self.gram_dtype, params=params)
+        if grad_scaler is not None and not (callable(getattr(grad_scaler, "get_scale", None))
+                                            and callable(getattr(grad_scaler, "is_enabled",
+                                                                 None))):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
+                            f"{type(grad_scaler).__name__}")
+        check_int("accumulation_steps", accumulation_steps, minimum=1)
+        if grad_scaler is not None and dp:
+            raise ValueError("grad_scaler with an Opacus DPOptimizer is not supported: Opacus "
+                             "clips the scaled per-example gradients itself")
+        source = gram_source_for(core, optimizer, policy_acts=self.rule.acts,
+                                 loss_reduction=loss_reduction, batch_first=batch_first,
+                                 strategy=self.strategy, gram_dtype=self.gram_dtype,
+                                 params=params)
+        try:
+            if not dp:
+                self._check_coverage(core, optimizer, source.guarded_params())
+        except Exception:
+            source.remove()
+            raise
+        self.source = source
+        self.hooks = getattr(source, "hooks", None)
+        _ATTACHED[core] = weakref.ref(self)
         self.loss_reduction = loss_reduction
-        expected = self._expected_batch_size(optimizer, data_loader)
+        self.grad_scaler = grad_scaler
+        self.accumulation_steps = accumulation_steps
+        expected, poisson = self._expected_batch_size(optimizer, data_loader)
         self.optimizer = GuardedOptimizer(optimizer, guard=self, expected_batch_size=expected,
                                           loss_reduction=loss_reduction)
+        self.optimizer.poisson_sampling = poisson
         self.module = module
         if data_loader is not None:
             self.loader = track_indices(data_loader)
@@ -240,17 +300,65 @@ class GradGuard:
         self._dist = resolve_sync(module=module, optimizer=optimizer, enabled=self.distributed,
                                   gnq_mode=self.distributed_gnq, group=self.process_group,
                                   device=device)
-        if self.log_dir is not None and (self._dist is None or self._dist.is_main):
-            from .tensorboard import TensorBoardSink
-
-            self.sink = TensorBoardSink(self.log_dir, top_k=self.top_k)
-            lam_text = (f"relative: λ = {self.lam:g}·trace(K)/B" if self.relative_lam
-                        else f"absolute: λ = {self.lam:g}")
-            self.sink.log_text("config", f"policy={self.policy}; {lam_text}; threshold="
-                               f"{self.threshold}; budget={self.budget}; "
-                               f"loss_reduction={loss_reduction}. {BOUND_ASSUMPTIONS}", 0)
+        self._open_sink()
         self._run_probe()  # the step-0 baseline, before any update
         return module, self.optimizer, (self.loader if self.loader is not None else data_loader)
+
+    def attach_optimizer(self, optimizer: GuardedOptimizer, *,
+                         expected_batch_size: int | None = None) -> None:
+        """Use ``optimizer`` (a GuardedOptimizer built for this guard by an integration)
+        as the guarded optimizer, and set the batch size the update is divided by.
+
+        Raises:
+            TypeError: not a GuardedOptimizer observed by this guard.
+        """
+        if not isinstance(optimizer, GuardedOptimizer) or optimizer.guard is not self:
+            raise TypeError("attach_optimizer needs a GuardedOptimizer built with guard=this "
+                            "GradGuard")
+        if not is_dp_optimizer(optimizer.original_optimizer) and self.source is not None:
+            self._check_coverage(unwrap_ddp(self.module), optimizer.original_optimizer,
+                                 self.source.guarded_params())
+        if expected_batch_size is not None:
+            optimizer.expected_batch_size = int(expected_batch_size)
+        self.optimizer = optimizer
+
+    @staticmethod
+    def _check_coverage(module: nn.Module, optimizer: Optimizer,
+                        guarded: list[nn.Parameter]) -> None:
+        """Every parameter the optimizer updates is guarded, or say why not."""
+        names = {id(p): n for n, p in module.named_parameters()}
+        covered = {id(p) for p in guarded}
+        foreign, unguarded = [], []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in names:
+                    foreign.append(tuple(p.shape))
+                elif id(p) not in covered:
+                    unguarded.append(names[id(p)])
+        if foreign:
+            raise ValueError(
+                f"the optimizer updates {len(foreign)} parameter(s) that are not the model's "
+                f"(shapes {foreign[:5]}): an optimizer over a different model, or a head "
+                "outside the module passed to make_guarded. Pass the whole model as module= "
+                "and an optimizer over its parameters.")
+        if unguarded:
+            raise ValueError(
+                f"the optimizer updates parameters gradguard does not guard: {unguarded[:10]} "
+                "(frozen when the guard was attached, or left out by params=). They would "
+                "keep learning from dropped examples. Guard them (drop params=, unfreeze "
+                "before make_guarded) or leave them out of the optimizer.")
+
+    def _open_sink(self) -> None:
+        if self.log_dir is None or (self._dist is not None and not self._dist.is_main):
+            return
+        from .tensorboard import TensorBoardSink
+
+        self.sink = TensorBoardSink(self.log_dir, top_k=self.top_k)
+        lam_text = (f"relative: λ = {self.lam:g}·trace(K)/B" if self.relative_lam
+                    else f"absolute: λ = {self.lam:g}")
+        self.sink.log_text("config", f"policy={self.policy}; {lam_text}; threshold="
+                           f"{self.threshold}; budget={self.budget}; "
+                           f"loss_reduction={self.loss_reduction}. {BOUND_ASSUMPTIONS}", 0)
 
     @staticmethod
     def _check_opacus(optimizer, loss_reduction: str) -> None:
@@ -265,47 +373,50 @@ class GradGuard:
                 "clipping never materialises. Use make_private(..., grad_sample_mode='hooks').")
 
     @staticmethod
-    def _expected_batch_size(optimizer, data_loader) -> int | None:
+    def _expected_batch_size(optimizer, data_loader) -> tuple[int | None, bool]:
+        """The loader's batch size, and whether batches are Poisson-sampled."""
         if getattr(optimizer, "expected_batch_size", None):
-            return int(optimizer.expected_batch_size)
+            return int(optimizer.expected_batch_size), True
         if data_loader is None:
-            return None
+            return None, False
         sampler = data_loader.batch_sampler
         if getattr(sampler, "sample_rate", None) is not None:  # Opacus Poisson sampling
-            return max(1, round(sampler.sample_rate * len(data_loader.dataset)))
-        return data_loader.batch_size or getattr(sampler, "batch_size", None)
+            return max(1, round(sampler.sample_rate * len(data_loader.dataset))), True
+        return data_loader.batch_size or getattr(sampler, "batch_size", None), False
 
     def set_batch_indices(self, indices) -> None:
         """Dataset indices of the examples behind the next step (when there is no loader)."""
         self._manual_indices = torch.as_tensor(indices, dtype=torch.long)
 
-    # ------------------------------------------------------------------ per step
-    def _clear_step(self) -> None:
-        if self.hooks is not None:
-            self.hooks.clear()
-        self._stash.clear()
+    # ------------------------------------------------------------------ step observer
+    def on_zero_grad(self, optimizer: GuardedOptimizer) -> None:
+        """The loop cleared the gradients: forget the captures of the last step.
 
-    def _on_micro_step(self, optimizer: GuardedOptimizer) -> None:
+        Captures still here belong to backward passes that never reached a step (a
+        GradScaler skipped it for inf/NaN): their batches are forgotten too.
+        """
+        if self.source is None:
+            return
+        pending = 0
+        if isinstance(self.source, HookGramSource):
+            with contextlib.suppress(Exception):  # (a step would report any capture error)
+                pending = self.source.batch_size
+        self.source.clear()
+        if pending and self.loader is not None:
+            self.loader.discard_oldest(pending)
+
+    def on_micro_step(self, optimizer: GuardedOptimizer) -> None:
         """A virtual (skipped) step: keep what is needed for the logical batch's GNQ."""
-        if self._dp:
-            if self.policy != "monitor":
-                raise NotImplementedError(
-                    "policy weights must be applied before DP clipping, but with Opacus's "
-                    "BatchMemoryManager the logical batch's GNQ is known only after its last "
-                    "micro-batch, when earlier ones are already clipped. Use policy='monitor' "
-                    "with BatchMemoryManager, or physical batch = logical batch.")
-            self._stash.append(self._opacus_rows(optimizer.original_optimizer))
+        self.source.micro_step()
 
-    def _opacus_rows(self, dp_optimizer) -> torch.Tensor:
-        rows = []
-        for p in dp_optimizer.params:
-            gs = p.grad_sample
-            if isinstance(gs, list):  # opacus keeps a list when a module ran twice
-                gs = torch.stack(gs).sum(0)
-            if gs is not None:
-                # explicit width: reshape(0, -1) is ambiguous for an empty (Poisson) batch
-                rows.append(gs.reshape(gs.shape[0], math.prod(gs.shape[1:])).to(torch.float64))
-        return torch.cat(rows, 1) if rows else torch.zeros(0, 0, dtype=torch.float64)
+    def after_step(self, optimizer: GuardedOptimizer) -> None:
+        """The wrapped optimizer stepped (or the guard took the step without it)."""
+        self.source.clear()
+        self._run_probe()
+        if self.save_every is not None and self.step % self.save_every == 0 and (
+                self._dist is None or self._dist.is_main):
+            # After the optimizer's step: the saved model is the one this step produced.
+            self.save_run(self.log_dir, hparams=self.hparams())
 
     def _indices_for(self, batch: int, device) -> torch.Tensor:
         if self._manual_indices is not None:
@@ -319,214 +430,244 @@ class GradGuard:
                                "data_loader= to make_guarded or call guard.set_batch_indices().")
         return self.loader.take(batch, device=device)
 
-    def _gram(self, optimizer: GuardedOptimizer) -> torch.Tensor:
-        if self._dp:
-            G = torch.cat([*self._stash, self._opacus_rows(optimizer.original_optimizer)])
-            self._stash.clear()
-            if self._dist is not None:
-                self._dist.keep_rows(G)
-            return G @ G.T
+    def _gram(self) -> torch.Tensor:
         if self._dist is not None and self._dist.gnq_mode == "global":
             # Exact global-batch GNQ needs the rows themselves, not just this rank's Gram.
-            params = [p for p in self.hooks._all_params() if self.hooks._guarded(p)]
-            rows, spans = flatten_per_example(self.hooks.per_example_grads(), params,
-                                              self.hooks.batch_size)
+            rows, spans = self.source.rows()
             self._dist.keep_rows(rows, spans)
-            return gram_from_rows(rows, spans, self.hooks.gram_dtype)
-        return self.hooks.gram()
+            return gram_from_rows(rows, spans, self.source.gram_dtype) if spans is not None \
+                else rows @ rows.T
+        K = self.source.gram()
+        if self._dist is not None and isinstance(self.source, OpacusGramSource):
+            self._dist.keep_rows(self.source.rows()[0])
+        return K
 
-    def _thresholds(self, gnq: torch.Tensor, indices: torch.Tensor):
-        tau = torch.full_like(gnq, math.inf)
-        if isinstance(self.threshold, Quantile):
-            self._window.append(gnq.detach())
-            self._window = self._window[-self.threshold.window:]
-            pooled = torch.cat(self._window)
-            if pooled.numel():
-                tau = tau.clamp(max=torch.quantile(pooled, self.threshold.q))
-        elif self.threshold is not None:
-            tau = tau.clamp(max=float(self.threshold))
-        exhausted = None
-        if self.budget is not None:
-            remaining = self.budget - self.ledger.bound(indices)
-            allowed = budget_thresholds(remaining)
-            exhausted = gnq > allowed if self.policy == "drop" else remaining <= 0
-            tau = torch.minimum(tau, allowed)
-        return tau, exhausted
+    def _check_accumulation(self) -> None:
+        """Warn once when several micro-batches reach one step with accumulation_steps=1."""
+        if (self.accumulation_steps == 1 and not self._warned_accumulation
+                and self.loader is not None and len(self.loader.consumed) > 1
+                and isinstance(self.source, HookGramSource)):
+            self._warned_accumulation = True
+            warnings.warn(
+                f"{len(self.loader.consumed)} batches reached one optimizer step (gradient "
+                "accumulation): gradguard takes each micro-batch's loss to be its own mean "
+                f"(loss_reduction={self.loss_reduction!r}). If you divide each micro-batch's "
+                "loss by the number of accumulation steps N, pass accumulation_steps=N to "
+                "make_guarded, or GNQ is N² too large.", stacklevel=5)
 
-    def _nonfinite(self, K: torch.Tensor, indices: torch.Tensor) -> bool:
-        finite = torch.isfinite(torch.diagonal(K))
-        ok = bool(finite.all()) and bool(torch.isfinite(K).all())
-        if self._dist is not None:
-            ok = self._dist.agree(ok)  # every rank skips (or raises) together
-        if ok:
-            return False
-        bad = indices[~finite].tolist()[:20]
+    def _skip_or_raise(self, optimizer: GuardedOptimizer, message: str) -> bool:
+        """``on_nonfinite``: skip the step (returns False) or raise ``message``."""
         if self.on_nonfinite == "skip":
             self.skipped_nonfinite += 1
             if self.sink is not None:
                 self.sink.log_scalars({"policy/skipped_nonfinite": self.skipped_nonfinite},
                                       self.step)
-            return True
+            optimizer.original_optimizer.zero_grad(set_to_none=True)
+            self.source.clear()
+            return False
+        raise NonFiniteGradientError(
+            f"step {self.step + 1}: {message} Lower the learning rate or fix the data, or "
+            "pass on_nonfinite='skip' to GradGuard to skip such steps.")
+
+    def _gram_nonfinite(self, K: torch.Tensor, indices: torch.Tensor) -> str | None:
+        finite = torch.isfinite(torch.diagonal(K))
+        ok = bool(finite.all()) and bool(torch.isfinite(K).all())
+        if self._dist is not None:
+            ok = self._dist.agree(ok)  # every rank skips (or raises) together
+        if ok:
+            return None
+        bad = indices[~finite].tolist()[:20]
         empty = " The batch was empty: the mean loss of an empty batch is NaN (Poisson " \
                 "sampling draws empty batches); skip empty batches in the loop or use " \
                 "loss_reduction='sum'." if K.shape[0] == 0 else ""
-        raise NonFiniteGradientError(
-            f"step {self.step + 1}: the loss or per-example gradients are NaN/Inf "
-            f"(dataset indices {bad}).{empty} Lower the learning rate or fix the data, or "
-            "pass on_nonfinite='skip' to GradGuard to skip such steps.")
+        return f"the loss or per-example gradients are NaN/Inf (dataset indices {bad}).{empty}"
+
+    def _grads_nonfinite(self, optimizer: GuardedOptimizer) -> str | None:
+        """Which parameters' final gradients (what the optimizer applies) are NaN/Inf."""
+        bad = [i for i, p in enumerate(optimizer.params)
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        ok = not bad
+        if self._dist is not None:
+            ok = self._dist.agree(ok)
+        if ok:
+            return None
+        names = {id(p): n for n, p in unwrap_ddp(self.module).named_parameters()}
+        params = optimizer.params
+        where = [names.get(id(params[i]), f"param {i}") for i in bad][:10]
+        return (f"the gradients about to be applied are NaN/Inf in {where}, while every "
+                "guarded per-example gradient is finite: the NaN/Inf comes from a loss term "
+                "outside the guarded layers (e.g. a penalty on the parameters) or from a "
+                "change to .grad between backward() and step().")
+
+    def _denominator(self, optimizer: GuardedOptimizer, batch: int) -> float:
+        """B of the update Σ_j w_j g_j / B: 1 for sum losses; else the scale ``.grad``
+        already has (a short last batch: its own size), the expected size under Poisson
+        sampling, virtual steps or DDP."""
+        if self.loss_reduction == "sum":
+            return 1.0
+        expected = optimizer.expected_batch_size
+        if getattr(optimizer, "poisson_sampling", False) or optimizer.accumulated_iterations > 1 \
+                or self._dist is not None:
+            # (under DDP each rank's update is averaged over the ranks afterwards: every
+            # rank divides by the same expected size, as the single-process reference)
+            return float(expected or max(1, batch))
+        scale = self.source.backward_scale() if isinstance(self.source, HookGramSource) \
+            else None
+        if scale is not None:
+            return float(scale)
+        if expected is None or batch < expected:
+            return float(max(1, batch))
+        return float(expected)
 
     @torch.no_grad()
-    def _on_step(self, optimizer: GuardedOptimizer) -> bool:
-        """Measure GNQ, apply the policy to the gradients and update the ledger."""
+    def on_step(self, optimizer: GuardedOptimizer) -> bool:
+        """Measure, decide, apply; record when the step goes ahead.
+
+        Returns:
+            Whether the wrapped optimizer should step (``False``: the step is skipped for
+            NaN/Inf, or no example is kept).
+        """
         start = time.perf_counter()
-        K = self._gram(optimizer)
+        # ---- measure
+        K = self._gram()
         B = K.shape[0]
         device = self.ledger.device
+        self._check_accumulation()
         indices = self._indices_for(B, device)
         if B == 0 and self._dist is None:  # under DDP the other ranks still need this one
-            grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all())
-                               for p in optimizer.params)
-            if not grads_finite:
-                if self.on_nonfinite == "skip":
-                    self.skipped_nonfinite += 1
-                    optimizer.original_optimizer.zero_grad(set_to_none=True)
-                    return False
-                # (a 0×0 Gram cannot show it, so _nonfinite would wave it through)
-                raise NonFiniteGradientError(
-                    f"step {self.step + 1}: the batch was empty but the gradients are NaN/Inf "
-                    "(a term divided by the batch size is 0/0 on an empty batch; Poisson "
-                    "sampling draws empty batches). Skip empty batches in the loop, use "
-                    "loss_reduction='sum' semantics, or pass on_nonfinite='skip' to GradGuard.")
-            if self.policy != "monitor":
-                self._apply_weights(optimizer, torch.zeros(0, dtype=torch.float64, device=device))
-            self.step += 1
-            return True
-        if self._nonfinite(K, indices):
-            optimizer.original_optimizer.zero_grad(set_to_none=True)
-            self._clear_step()
-            return False
+            return self._empty_step(optimizer, device)
+        message = self._gram_nonfinite(K, indices)
+        if message is not None:
+            return self._skip_or_raise(optimizer, message)
         # own: this rank's examples in the global batch; rows: those K (hence the policy)
         # covers. From here on gnq, indices, weights span the global batch on every rank.
         own = rows = slice(None)
         if self._dist is not None:
-            K, indices, own, rows = self._dist.share_batch(K, indices, gram_dtype=(
-                self.hooks.gram_dtype if self.hooks is not None else torch.float64))
-        lam = resolve_lam(K, self.lam, relative=self.relative_lam)
+            K, indices, own, rows = self._dist.share_batch(K, indices,
+                                                           gram_dtype=self.source.gram_dtype)
+        self._loss_scale = 1.0
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            # The captures carry the loss scale S (scaler.scale(loss).backward()): K is S²
+            # too large. Read the scale this backward used, never guess it.
+            self._loss_scale = float(self.grad_scaler.get_scale())
+            K = K / self._loss_scale ** 2
+        if self.accumulation_steps > 1:
+            # Micro-batch losses divided by N: the captures are g_j / N. (The rebuilt
+            # update needs no factor: Σ_j w_j g_j / (N · micro-batch size) is what the
+            # plain accumulated .grad holds.)
+            K = K * float(self.accumulation_steps) ** 2
+        lam, lam_logged = _ridge(K, self.lam, relative=self.relative_lam)
         gnq = gnq_from_gram(K, lam)
         if self._dist is not None:
             gnq = self._dist.share_rows(gnq, rows)
-        blocked = self.ledger.is_censored(indices) if self.policy != "monitor" else None
-        if self.policy == "monitor":
-            weights, effective = torch.ones_like(gnq), gnq
-            if not self._dp and optimizer.accumulated_iterations > 1:
-                # Virtual steps: the loop's zero_grad() cleared .grad between micro-batches,
-                # so rebuild the logical batch's mean gradient from the captures.
-                self._apply_weights(optimizer, weights[own])
-        else:
-            tau, exhausted = self._thresholds(gnq, indices)
-            if exhausted is not None:
-                self.ledger.censor(indices, where=exhausted)
-                blocked = blocked | exhausted
-            blocked = blocked[rows]
-            if blocked.device.type == "cpu" and not bool(blocked.any()):
-                blocked = None  # nothing censored: spares policy_weights a B³ re-solve
-            weights, effective = policy_weights(self.policy, K, gnq[rows], lam, tau=tau[rows],
-                                                blocked=blocked)
-            if self._dist is not None:
-                weights = self._dist.share_rows(weights, rows)
-                effective = self._dist.share_rows(effective, rows)
-            self._apply_weights(optimizer, weights[own])
-            self._dropped_total = self._dropped_total + (weights == 0).sum()
-            self._clipped_total = self._clipped_total + ((weights > 0) & (weights < 1)).sum()
+        # ---- decide
+        decision = self.rule.decide(K=K, gnq=gnq, lam=lam, indices=indices, ledger=self.ledger,
+                                    rows=rows)
+        weights, effective = decision.weights, decision.effective
+        if self._dist is not None:
+            weights = self._dist.share_rows(weights, rows)
+            effective = self._dist.share_rows(effective, rows)
+        # ---- apply
+        kept_any = True
+        # Virtual steps on a plain optimizer: the loop's zero_grad() cleared .grad between
+        # micro-batches, so the logical batch's update is rebuilt from the captures.
+        if self.rule.acts or (optimizer.accumulated_iterations > 1
+                              and isinstance(self.source, HookGramSource)):
+            kept_any = self._apply(optimizer, weights[own])
+        message = self._grads_nonfinite(optimizer)
+        if message is not None:
+            return self._skip_or_raise(optimizer, message)
+        # ---- record
+        if decision.censor is not None:
+            self.ledger.censor(indices, where=decision.censor)
+        self.rule.commit(decision, gnq, weights)
         self.step += 1
         self.ledger.update(indices, effective, self.step)
-        if self.budget is not None and self.policy != "monitor":
-            # Dropping others can raise a kept example's effective GNQ past its budget.
+        if self.budget is not None and self.rule.acts:
+            # A hard cap: an example whose bound reached the budget is censored.
             self.ledger.censor(indices, where=self.ledger.bound(indices) >= self.budget)
         self.last_gnq, self.last_weights, self.last_indices = gnq, weights, indices
-        self.last_lam = lam
+        self.last_lam = lam_logged
         if self.sink is not None and self.step % self.log_every == 0:
             self._log_step()
         self.guard_seconds += time.perf_counter() - start
+        if not kept_any:
+            # Nothing kept: no optimizer step at all (no momentum, no Adam moments, no
+            # decoupled weight decay), as if this batch had not been drawn.
+            optimizer.original_optimizer.zero_grad(set_to_none=True)
+            self.after_step(optimizer)
+            return False
         return True
 
-    def _apply_weights(self, optimizer: GuardedOptimizer, weights: torch.Tensor) -> None:
-        """Replace the guarded gradients by Σ_j w_j g_j / expected batch size."""
-        if self._dp:
-            for p in optimizer.original_optimizer.params:
-                gs = p.grad_sample
-                if isinstance(gs, list):
-                    raise NotImplementedError("policies with a module used twice under Opacus")
-                if gs is not None:
-                    w = weights.to(device=gs.device, dtype=gs.dtype)
-                    p.grad_sample = gs * w.view(-1, *([1] * (gs.dim() - 1)))
-            return
-        denom = 1.0
-        if self.loss_reduction == "mean":
-            # The captures already span the whole logical batch (virtual steps included)
-            # and each example's gradient is its own loss's, so the mean is over the
-            # expected logical batch size alone, as DPOptimizer's clipped sum is.
-            denom = optimizer.expected_batch_size or max(1, weights.shape[0])
-        guarded = [p for p in self.hooks._all_params() if self.hooks._guarded(p)]
-        scale = None
-        if self._dist is None and optimizer.accumulated_iterations == 1 and weights.shape[0]:
-            scale = self.hooks.backward_scale()
-            if (scale is None and optimizer.step_hook is None and not self._warned_modified
-                    and self.hooks.grads_modified()):
-                self._warned_modified = True
-                warnings.warn(
-                    "the gradients were modified between backward() and step() (e.g. by "
-                    "clip_grad_norm_ or GradScaler.unscale_). Under policy="
-                    f"{self.policy!r} gradguard rebuilds them from the captured per-example "
-                    "gradients, so that modification is not applied. Re-apply it to the "
-                    "rewritten gradients in optimizer.step_hook (called after the policy, "
-                    "before the step), or use Opacus for a bounded update norm (make_guarded "
-                    "accepts a DPOptimizer).", stacklevel=4)
-        if scale is not None:
-            # .grad already holds Σ_j g_j / scale: rescale it and correct it over the examples
-            # whose weight is not 1, which a policy leaves few of. This skips rebuilding
-            # every layer's gradient and keeps loss terms gradguard does not capture
-            # (regularisers on the parameters).
-            if scale != denom:
-                for p in guarded:
+    def _empty_step(self, optimizer: GuardedOptimizer, device) -> bool:
+        grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all())
+                           for p in optimizer.params)
+        if not grads_finite:
+            # (a 0×0 Gram cannot show it)
+            return self._skip_or_raise(
+                optimizer, "the batch was empty but the gradients are NaN/Inf (a term divided "
+                "by the batch size is 0/0 on an empty batch; Poisson sampling draws empty "
+                "batches). Skip empty batches in the loop, use loss_reduction='sum' "
+                "semantics.")
+        if self.rule.acts:
+            self._apply(optimizer, torch.zeros(0, dtype=torch.float64, device=device))
+        self.step += 1
+        return True
+
+    def _apply(self, optimizer: GuardedOptimizer, weights: torch.Tensor) -> bool:
+        """Make the update Σ_j w_j g_j / B; returns whether any example is kept."""
+        if isinstance(self.source, OpacusGramSource):
+            self.source.apply(weights, denom=1.0)
+            return True
+        denom = self._denominator(optimizer, weights.shape[0])
+        if weights.shape[0] and bool((weights == 1).all()) and \
+                optimizer.accumulated_iterations == 1 and self._dist is None:
+            # Nothing reweighted: .grad already is the update, exactly (a short batch is
+            # divided by its own size). Under Poisson sampling only the scale changes.
+            scale = self.source.backward_scale()
+            if scale is not None and scale != denom:
+                for p in self.source.guarded_params():
                     if p.grad is not None:
                         p.grad.mul_(scale / denom)
-            residual = (weights - 1) / denom
-            if bool(residual.any()):
-                self.hooks.add_weighted_grads_(residual)
-            return
-        # 1/denom goes into the B weights, not over every gradient entry.
-        new = self.hooks.weighted_grads(weights / denom) if weights.shape[0] else {}
-        for p in guarded:
-            g = new.get(p)
-            if g is None:
-                if p.grad is not None:
-                    p.grad.zero_()
-                continue
-            # In the parameter's own layout (einsum results may be transposed): what
-            # autograd would have produced, so later accumulation keeps its fast path.
-            p.grad = g if _owns_layout(g, p) else torch.empty_like(p).copy_(g)
+            return True
+        if (optimizer.step_hook is None and not self._warned_modified
+                and self.grad_scaler is None  # its unscale_ is accounted for below
+                and optimizer.accumulated_iterations == 1 and self.source.grads_modified()):
+            self._warned_modified = True
+            warnings.warn(
+                "the gradients were modified between backward() and step() (e.g. by "
+                "clip_grad_norm_ or GradScaler.unscale_). Under policy="
+                f"{self.policy!r} gradguard rebuilds them from the captured per-example "
+                "gradients, so that modification is not applied. Re-apply it to the "
+                "rewritten gradients in optimizer.step_hook (called after the policy, "
+                "before the step), or use Opacus for a bounded update norm (make_guarded "
+                "accepts a DPOptimizer).", stacklevel=5)
+        # Rebuilt from the scaled captures, divided by the loss scale: unscaled, as the
+        # gradients the scaler unscaled (never a mix of the two).
+        self.source.apply(weights, denom=denom * self._loss_scale)
         if self._dist is not None:
             # DDP averaged the gradients during backward, before this rewrite.
-            self._dist.average_gradients(guarded)
+            self._dist.average_gradients(self.source.guarded_params())
+            return True
+        return not weights.shape[0] or bool((weights != 0).any())
 
     def _log_step(self) -> None:
-        stats = {"dropped_total": self._dropped_total, "clipped_total": self._clipped_total}
+        stats = {"dropped_total": self.rule.dropped_total,
+                 "clipped_total": self.rule.clipped_total}
         weights = None if self.policy == "monitor" else self.last_weights
         self.sink.log_step(self.step, gnq=self.last_gnq, weights=weights, ledger=self.ledger,
                            lam=self.last_lam, policy_stats=stats)
-        self.sink.log_scalars({"time/guard_seconds": self.guard_seconds}, self.step)
+        scalars = {"time/guard_seconds": self.guard_seconds}
+        if self.rule.acts:
+            scalars["policy/realised_rate"] = self.rule.last_rate
+        self.sink.log_scalars(scalars, self.step)
         self.sink.log_top_table(self.step, self.ledger)
-
-    def _after_step(self, optimizer: GuardedOptimizer) -> None:
-        self._clear_step()
-        self._run_probe()
 
     def _run_probe(self) -> None:
         if self.curvature is None:
             return
         # The probe's own forward and backward passes are not training steps.
-        with self.hooks.paused() if self.hooks is not None else contextlib.nullcontext():
+        with self.source.paused() if self.source is not None else contextlib.nullcontext():
             # Not through DDP: probe passes are not training passes (no buffer broadcasts,
             # no gradient-sync bookkeeping for a backward that never reaches the parameters).
             result = self.curvature.maybe_run(self.step, unwrap_ddp(self.module))
@@ -541,82 +682,196 @@ class GradGuard:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: tensors only (loads with ``weights_only=True``)."""
+        rule = self.rule.state_dict()
         state = {
             "version": torch.tensor(_STATE_VERSION),
             "step": torch.tensor(self.step),
             "skipped_nonfinite": torch.tensor(self.skipped_nonfinite),
-            "dropped_total": torch.as_tensor(self._dropped_total).detach().clone(),
-            "clipped_total": torch.as_tensor(self._clipped_total).detach().clone(),
+            "dropped_total": rule["dropped_total"],
+            "clipped_total": rule["clipped_total"],
+            "examples_total": rule["examples_total"],
             "ledger": self.ledger.state_dict(),
-            "window": [w.clone() for w in self._window],
+            "window": rule["window"],
         }
         if self.curvature is not None and hasattr(self.curvature, "state_dict"):
             state["curvature"] = self.curvature.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (after ``make_guarded``)."""
+        """Restore :meth:`state_dict` (after ``make_guarded``).
+
+        Everything is validated before anything is applied: a failed load leaves the guard
+        as it was.
+
+        Raises:
+            RuntimeError: called before ``make_guarded``.
+            TypeError / ValueError: the state is not a valid GradGuard state (names what).
+        """
         if self.ledger is None:
             raise RuntimeError("call make_guarded before load_state_dict")
-        if int(state.get("version", -1)) != _STATE_VERSION:
-            raise ValueError(f"unknown GradGuard state version {state.get('version')!r}")
-        self.step = int(state["step"])
-        self.skipped_nonfinite = int(state["skipped_nonfinite"])
-        self._dropped_total = state["dropped_total"].to(self.ledger.device)
-        self._clipped_total = state["clipped_total"].to(self.ledger.device)
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from GradGuard.state_dict(), got "
+                            f"{type(state).__name__}")
+        version = state.get("version")
+        if not isinstance(version, torch.Tensor) or version.numel() != 1 or \
+                int(version) != _STATE_VERSION:
+            raise ValueError(f"unknown GradGuard state version {version!r}")
+        counts = {}
+        for key in ("step", "skipped_nonfinite"):
+            v = state.get(key)
+            if not isinstance(v, torch.Tensor) or v.numel() != 1 or v.is_floating_point() \
+                    or v.dtype == torch.bool or int(v) < 0:
+                raise ValueError(f"state {key!r} must be an integer tensor >= 0, got {v!r}")
+            counts[key] = int(v)
+        for key in ("ledger", "window", "dropped_total", "clipped_total"):
+            if key not in state:
+                raise ValueError(f"state is missing {key!r}: pass GradGuard.state_dict()")
+        self.rule.check_state_dict(state)
+        # The ledger validates itself into a scratch copy; applied only if all is well.
+        scratch = DisclosureLedger(self.ledger.num_examples, device=self.ledger.device)
+        scratch.load_state_dict(state["ledger"])
+        for name, t in state["ledger"].items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"state ledger field {name!r} holds NaN/Inf")
+        curvature = state.get("curvature")
+        if curvature is not None and self.curvature is not None and \
+                hasattr(self.curvature, "check_state_dict"):
+            self.curvature.check_state_dict(curvature)
+        # ---- apply
+        self.step = counts["step"]
+        self.skipped_nonfinite = counts["skipped_nonfinite"]
+        self.rule.load_state_dict(state, device=self.ledger.device)
         self.ledger.load_state_dict(state["ledger"])
-        self._window = [w.to(self.ledger.device) for w in state["window"]]
-        if "curvature" in state and self.curvature is not None:
-            self.curvature.load_state_dict(state["curvature"])
+        if curvature is not None and self.curvature is not None:
+            self.curvature.load_state_dict(curvature)
+
+    def resume(self, run_dir: str | None = None) -> int:
+        """Load the run directory's last complete state (``save_every`` / ``close()``).
+
+        Call after ``make_guarded``. With ``save_every`` the state file also holds the
+        model's and the optimizer's state at the same step (one atomic file, so they
+        always agree), and both are restored here; otherwise restore them yourself from a
+        checkpoint of the same step. Then skip the batches of the steps already taken
+        (:attr:`step` of them). TensorBoard steps logged after that state are purged, so a
+        resumed run shows each step once.
+
+        Raises:
+            FileNotFoundError: nothing saved yet (start from scratch).
+            ValueError: the saved state is not valid (the guard is left untouched).
+
+        Returns:
+            The step resumed at.
+        """
+        run_dir = run_dir or self.log_dir
+        if run_dir is None:
+            raise ValueError("resume needs run_dir= (or log_dir= on the GradGuard)")
+        state = rundir.load_state(run_dir)
+        training = state.get("training")
+        if training is not None:
+            # Validated as a whole first (a scratch load), so a bad file changes nothing.
+            scratch = self.state_dict()
+            self.load_state_dict(state)
+            try:
+                unwrap_ddp(self.module).load_state_dict(training["model"])
+                self.optimizer.original_optimizer.load_state_dict(training["optimizer"])
+            except Exception:
+                self.load_state_dict(scratch)
+                raise
+        else:
+            self.load_state_dict(state)
+        if self.sink is not None:
+            from .tensorboard import TensorBoardSink
+
+            self.sink.close()
+            self.sink = TensorBoardSink(self.log_dir, top_k=self.top_k,
+                                        purge_step=self.step + 1)
+        return self.step
 
     def summary(self) -> dict[str, Any]:
         """Plain-number summary of the run so far."""
         s = {k: float(v) for k, v in self.ledger.summary().items()}
         s.update(step=self.step, skipped_nonfinite=self.skipped_nonfinite,
-                 dropped_total=float(self._dropped_total), clipped_total=float(self._clipped_total),
+                 dropped_total=float(self.rule.dropped_total),
+                 clipped_total=float(self.rule.clipped_total),
+                 realised_rate=self.rule.realised_rate,
                  guard_seconds=self.guard_seconds, probe_seconds=self.probe_seconds)
         return s
 
+    def hparams(self) -> dict[str, Any]:
+        """The settings as plain values (TensorBoard hparams, ``summary.json``)."""
+        return {"policy": self.policy, "lam": self.lam,
+                "lam_mode": "relative" if self.relative_lam else "absolute",
+                "threshold": str(self.threshold), "budget": self.budget or 0.0,
+                "strategy": self.strategy}
+
     def close(self) -> None:
-        """Remove every hook, write hparams and flush the logs. Idempotent."""
+        """Remove every hook, write the run directory, flush the logs. Idempotent.
+
+        Logs a short summary to ``logging.getLogger("gradguard")`` at INFO.
+        """
         if self._closed:
             return
         self._closed = True
-        if self.hooks is not None:
-            self.hooks.remove()
+        if self.source is not None:
+            self.source.remove()
         if self.sink is not None:
             if self.last_gnq is not None and self.step % self.log_every != 0:
                 self._log_step()
-            hparams = {"policy": self.policy, "lam": self.lam,
-                       "lam_mode": "relative" if self.relative_lam else "absolute",
-                       "threshold": str(self.threshold), "budget": self.budget or 0.0,
-                       "strategy": self.strategy}
+            hparams = self.hparams()
             try:
                 self.sink.close(hparams=hparams)
                 self.save_run(self.log_dir, hparams=hparams)
             except Exception as exc:  # noqa: BLE001 - never fail training at close
                 warnings.warn(f"gradguard could not finish its run directory {self.log_dir}: "
                               f"{exc}", stacklevel=2)
+        if self.ledger is not None:
+            _LOG.info("%s", self._closing_summary())
+
+    def _closing_summary(self) -> str:
+        s = self.summary()
+        text = (f"gradguard: {self.step} steps, {int(s.get('examples_seen', 0))} examples "
+                f"seen; disclosure bound max {s.get('max_bound', 0.0):.4g} / mean "
+                f"{s.get('mean_bound', 0.0):.4g} nats; policy {self.policy}: "
+                f"{int(s['dropped_total'])} dropped, {int(s['clipped_total'])} clipped "
+                f"(realised rate {s['realised_rate']:.2%})")
+        if self.log_dir is not None:
+            text += f"; logs in {self.log_dir} (tensorboard --logdir {self.log_dir})"
+        return text
 
     def save_run(self, run_dir: str, *, hparams: dict[str, Any] | None = None) -> None:
-        """Write what ``gradguard report`` reads: ``gradguard_state.pt`` and ``summary.json``.
+        """Write what ``gradguard report`` reads: ``gradguard_state.pt`` and ``summary.json``,
+        each atomically (see :mod:`gradguard.rundir`).
 
         Only indices and numbers are written, never training examples.
         """
-        import json
-        import os
-
-        os.makedirs(run_dir, exist_ok=True)
-        torch.save(self.state_dict(), os.path.join(run_dir, "gradguard_state.pt"))
         history = [r.to_dict() if hasattr(r, "to_dict") else dict(r)
                    for r in getattr(self.curvature, "history", [])]
         doc = {"config": hparams or {}, "summary": self.summary(),
                "bound_assumptions": BOUND_ASSUMPTIONS, "curvature_history": history}
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(doc, f, indent=2, default=float)
+        state = self.state_dict()
+        if self.save_every is not None:
+            # Model and optimizer at the same step, in the same atomic file: a run killed
+            # at any moment resumes from one consistent state (see resume()).
+            state["training"] = {"model": unwrap_ddp(self.module).state_dict(),
+                                 "optimizer": self.optimizer.original_optimizer.state_dict()}
+        rundir.save_run(run_dir, state=state, summary=doc)
 
     def __enter__(self) -> GradGuard:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ridge(K: torch.Tensor, lam: float, *, relative: bool):
+    """λ for Gram K, and the λ to report.
+
+    Under relative λ a batch whose gradients are all zero has trace(K) = 0, hence λ = 0,
+    and 0/0 GNQ. Such a batch discloses nothing: with K = 0 every λ > 0 gives GNQ 0 (and
+    effective GNQ 0 whatever the policy's weights), so λ = 1 stands in for the solve,
+    while the reported λ is the formula's 0.
+    """
+    if relative and not bool(torch.diagonal(K).sum() > 0):
+        return 1.0, 0.0
+    resolved = resolve_lam(K, lam, relative=relative)
+    return resolved, resolved

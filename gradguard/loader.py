@@ -68,6 +68,24 @@ class IndexTrackingLoader:
     def __getattr__(self, name):
         return getattr(self.loader, name)
 
+    def discard(self) -> None:
+        """Forget the batches handed out since the last step: batches the loop skips
+        without a step (e.g. those already trained on, when resuming)."""
+        self.consumed.clear()
+
+    def discard_oldest(self, n_examples: int) -> None:
+        """Forget the oldest batches handed out, ``n_examples`` examples in all: batches
+        whose backward passes never reached a step (e.g. a GradScaler skipped it). Nothing
+        is forgotten unless whole batches add up to exactly ``n_examples``."""
+        total = 0
+        for count, batch in enumerate(self.consumed, start=1):
+            total += len(batch)
+            if total == n_examples:
+                del self.consumed[:count]
+                return
+            if total > n_examples:
+                return
+
     def take(self, batch_size: int, device=None) -> torch.Tensor:
         """Dataset indices of the examples behind the step's ``batch_size`` gradients.
 

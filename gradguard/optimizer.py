@@ -1,23 +1,38 @@
 """GuardedOptimizer: an optimizer wrapper with the surface of Opacus's ``DPOptimizer``.
 
-Before each real step it hands the step to its :class:`~gradguard.engine.GradGuard`,
-which measures GNQ, applies the policy to the gradients and updates the ledger; then
-the wrapped optimizer steps. Wrapping Opacus's ``DPOptimizer`` (hooks mode), the guard
-reads the raw per-example gradients before DP clipping and noise.
+Before each real step it hands the step to its step observer (a
+:class:`~gradguard.engine.GradGuard`), which measures GNQ, applies the policy to the
+gradients and updates the ledger; then the wrapped optimizer steps. Wrapping Opacus's
+``DPOptimizer`` (hooks mode), the guard reads the raw per-example gradients before DP
+clipping and noise. The observer protocol (:class:`StepObserver`) is public, as Opacus's
+``attach_step_hook`` / ``pre_step`` are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch.optim import Optimizer
 
-if TYPE_CHECKING:
-    from .engine import GradGuard
+__all__ = ["GuardedOptimizer", "StepObserver"]
 
-__all__ = ["GuardedOptimizer"]
+
+class StepObserver(Protocol):
+    """What a :class:`GuardedOptimizer` calls around each step (GradGuard implements it)."""
+
+    def on_step(self, optimizer: GuardedOptimizer) -> bool:
+        """Before a real step: measure and shape the gradients; ``False`` skips the step."""
+
+    def on_micro_step(self, optimizer: GuardedOptimizer) -> None:
+        """A virtual step (``signal_skip_step``): the logical batch continues."""
+
+    def after_step(self, optimizer: GuardedOptimizer) -> None:
+        """The wrapped optimizer has stepped."""
+
+    def on_zero_grad(self, optimizer: GuardedOptimizer) -> None:
+        """The gradients were cleared for a new logical batch."""
 
 
 class GuardedOptimizer(Optimizer):
@@ -29,7 +44,7 @@ class GuardedOptimizer(Optimizer):
     Args:
         optimizer: the optimizer to wrap (a ``torch.optim.Optimizer`` or an Opacus
             ``DPOptimizer``).
-        guard: the GradGuard that measures each step.
+        guard: the step observer (the GradGuard) that measures each step.
         expected_batch_size: the denominator of the guarded update Σ w_j g_j / B under
             ``loss_reduction="mean"`` (the loader's batch size, or Opacus's expected
             batch size for Poisson sampling).
@@ -41,7 +56,8 @@ class GuardedOptimizer(Optimizer):
             ``clip``/``drop``, which rebuild the gradients).
     """
 
-    def __init__(self, optimizer: Optimizer, *, guard: GradGuard, expected_batch_size: int | None,
+    def __init__(self, optimizer: Optimizer, *, guard: StepObserver,
+                 expected_batch_size: int | None,
                  loss_reduction: str = "mean"):
         # Deliberately no super().__init__: like DPOptimizer, this is a view of
         # `original_optimizer`, whose param_groups, state and defaults it shares.
@@ -52,6 +68,8 @@ class GuardedOptimizer(Optimizer):
         self._step_skip_queue: list[bool] = []
         self._is_last_step_skipped = False
         self._accumulated = 0
+        #: Whether batches are Poisson-sampled (the update divides by the expected size).
+        self.poisson_sampling = False
         self.step_hook: Callable[[GuardedOptimizer], None] | None = None
 
     # -------------------------------------------------------------- Optimizer surface
@@ -112,10 +130,10 @@ class GuardedOptimizer(Optimizer):
         self._accumulated += 1
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
-            self.guard._on_micro_step(self)
+            self.guard.on_micro_step(self)
             return False
         self._is_last_step_skipped = False
-        proceed = self.guard._on_step(self)
+        proceed = self.guard.on_step(self)
         self._accumulated = 0
         if proceed and self.step_hook is not None:
             self.step_hook(self)
@@ -140,14 +158,14 @@ class GuardedOptimizer(Optimizer):
                 dp.zero_grad(set_to_none=True)
             return loss
         result = self.original_optimizer.step()
-        self.guard._after_step(self)
+        self.guard.after_step(self)
         return loss if result is None else result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients; per-example captures are kept across skipped (virtual) steps."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         if not self._is_last_step_skipped:
-            self.guard._clear_step()
+            self.guard.on_zero_grad(self)
 
     def state_dict(self) -> dict:
         return self.original_optimizer.state_dict()

@@ -176,6 +176,8 @@ class TensorBoardSink:
             lands in this one directory so TensorBoard shows it as one run.
         top_k: default number of rows of the most-disclosing-examples table.
         flush_secs: how often the writer flushes to disk, in seconds.
+        purge_step: on resuming a run, the first step to log again: events at or after
+            it in ``log_dir`` are purged (``SummaryWriter(purge_step=...)``).
 
     Raises:
         ValueError: ``top_k`` < 1 or ``flush_secs`` <= 0.
@@ -187,7 +189,7 @@ class TensorBoardSink:
     """
 
     def __init__(self, log_dir: str | os.PathLike[str], *, top_k: int = 10,
-                 flush_secs: float = 30) -> None:
+                 flush_secs: float = 30, purge_step: int | None = None) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         if not isinstance(flush_secs, (int, float)) or not flush_secs > 0:
@@ -205,7 +207,10 @@ class TensorBoardSink:
         from torch.utils.tensorboard import SummaryWriter
 
         def open_writer() -> None:
-            self._writer = SummaryWriter(log_dir=self.log_dir, flush_secs=flush_secs)
+            # purge_step: after a resume, events logged at or after it (by the run that
+            # was killed after its last saved state) are hidden, so no step shows twice.
+            self._writer = SummaryWriter(log_dir=self.log_dir, flush_secs=flush_secs,
+                                         purge_step=purge_step)
             self._writer.add_custom_scalars(LAYOUT)
 
         self._guarded(open_writer, opening=True)

@@ -75,7 +75,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, name):
     guard2.load_state_dict(ckpt["guard"])
     loader_gen2.set_state(ckpt["loader_rng"])
     assert guard2.step == epochs * STEPS_PER_EPOCH
-    assert len(guard2._window) == kwargs["threshold"].window
+    assert len(guard2.rule.state_dict()["window"]) == kwargs["threshold"].window
     train(model2, opt2, loader2, epochs)
 
     for p, q in zip(full_model.parameters(), model2.parameters(), strict=True):

@@ -52,15 +52,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("gradguard.integrations.huggingface needs transformers: "
                       "pip install gradguard[huggingface]") from exc
 
+from .._io import atomic_torch_save
 from ..engine import GradGuard
 from ..optimizer import GuardedOptimizer
+from ..rundir import STATE_FILE, load_state
 
 __all__ = ["GradGuardTrainer", "per_example_loss", "INDEX_KEY", "STATE_FILE"]
 
 #: Key under which each training example carries its dataset index through the collator.
 INDEX_KEY = "gradguard_index"
 #: File the guard's state is saved to in each checkpoint directory.
-STATE_FILE = "gradguard_state.pt"
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, *, causal_lm: bool = False,
@@ -245,7 +246,7 @@ class GradGuardTrainer(Trainer):
         _, guarded, _ = guard.make_guarded(module=self.model, optimizer=optimizer,
                                            loss_reduction=self.loss_reduction,
                                            params=self.guarded_params)
-        guarded.expected_batch_size = self._train_batch_size
+        guard.attach_optimizer(guarded, expected_batch_size=self._train_batch_size)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0 and guard.policy != "monitor":
             guarded.step_hook = self._clip_rewritten
         self.optimizer = guarded
@@ -309,7 +310,7 @@ class GradGuardTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.guard.ledger is not None and self.args.should_save:
-            torch.save(self.guard.state_dict(), os.path.join(output_dir, STATE_FILE))
+            atomic_torch_save(self.guard.state_dict(), os.path.join(output_dir, STATE_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -317,8 +318,7 @@ class GradGuardTrainer(Trainer):
             return
         path = os.path.join(checkpoint, STATE_FILE)
         if os.path.exists(path):
-            self.guard.load_state_dict(torch.load(path, map_location=self.guard.ledger.device,
-                                                  weights_only=True))
+            self.guard.load_state_dict(load_state(path))
 
     # ------------------------------------------------------------------ the end
     def train(self, *args, **kwargs):

@@ -84,7 +84,7 @@ class _LightningGuardedOptimizer(GuardedOptimizer):
                 loss = closure()
             if loss is None and self.automatic:  # training_step returned None: no backward
                 self.pending_indices = None
-                self.guard._clear_step()
+                self.guard.on_zero_grad(self)
                 return self.original_optimizer.step()
         if self.pending_indices is not None:
             self.guard.set_batch_indices(self.pending_indices)
@@ -223,7 +223,7 @@ class GradGuardCallback(Callback):
         self._optimizer = _LightningGuardedOptimizer(
             raw, guard=guard, expected_batch_size=expected, loss_reduction=self.loss_reduction,
             automatic=pl_module.automatic_optimization)
-        guard.optimizer = self._optimizer
+        guard.attach_optimizer(self._optimizer)
         if trainer.gradient_clip_val and guard.policy != "monitor":
             # Lightning clips before the guarded step, whose policy then rebuilds the
             # gradients: clip what will actually be applied.

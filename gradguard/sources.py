@@ -1,0 +1,220 @@
+"""Gram sources: where a step's per-example gradients come from, and where weights go.
+
+A Gram source is the *measure* and *apply* ends of a guarded step. It gives the B×B Gram
+of the step's per-example gradients and rewrites the update as Σ_j w_j g_j / denom.
+Two exist, picked once by :func:`gram_source_for` (as Opacus picks its optimizer class):
+
+- :class:`HookGramSource`: gradguard's own :class:`~gradguard.uniqueness.hooks.GramHooks`
+  (ghost kernels or materialised per-example gradients per layer);
+- :class:`OpacusGramSource`: Opacus's ``grad_sample`` when the optimizer is a
+  ``DPOptimizer`` (what DP-SGD clips is what is measured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .distributed import flatten_per_example
+from .uniqueness.hooks import GramHooks
+
+__all__ = ["GramSource", "HookGramSource", "OpacusGramSource", "gram_source_for",
+           "is_dp_optimizer"]
+
+
+def is_dp_optimizer(optimizer) -> bool:
+    """Whether ``optimizer`` is Opacus's ``DPOptimizer`` (without importing Opacus: if it
+    is not imported, no optimizer can be one)."""
+    module = sys.modules.get("opacus.optimizers")
+    dp = getattr(module, "DPOptimizer", None) if module is not None else None
+    return dp is not None and isinstance(optimizer, dp)
+
+
+class GramSource(Protocol):
+    """What the engine needs from a measurement backend."""
+
+    def gram(self) -> torch.Tensor:
+        """``[B, B]`` float64 Gram of this step's per-example gradients."""
+
+    def rows(self) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+        """The per-example gradients themselves ``[B, P]`` (and per-parameter column spans),
+        for an exact Gram over several ranks."""
+
+    def micro_step(self) -> None:
+        """A virtual step (the logical batch continues): keep what the next step needs."""
+
+    def apply(self, weights: torch.Tensor, *, denom: float) -> None:
+        """Make the update Σ_j w_j g_j / denom (``weights`` over the step's examples)."""
+
+    def guarded_params(self) -> list[nn.Parameter]:
+        """Every parameter whose gradient this source can attribute to examples."""
+
+    def clear(self) -> None:
+        """Forget the step's captures."""
+
+    def paused(self) -> contextlib.AbstractContextManager:
+        """Capture nothing inside this block."""
+
+    def remove(self) -> None:
+        """Detach from the model."""
+
+
+def _owns_layout(g: torch.Tensor, p: torch.Tensor) -> bool:
+    """``g`` can become ``p.grad`` as is: p's strides, and a storage of its own."""
+    return (g.stride() == p.stride() and g.storage_offset() == 0
+            and g.untyped_storage().nbytes() == g.numel() * g.element_size())
+
+
+class HookGramSource:
+    """Per-example gradients captured by :class:`GramHooks` on the model's layers.
+
+    Args:
+        module: the model (DDP-unwrapped).
+        **hook_kwargs: ``loss_reduction``, ``batch_first``, ``strategy``, ``gram_dtype``,
+            ``params`` of :class:`GramHooks`.
+    """
+
+    name = "hooks"
+
+    def __init__(self, module: nn.Module, **hook_kwargs):
+        self.hooks = GramHooks(module, **hook_kwargs)
+
+    # The one place that reads GramHooks' private parameter bookkeeping (to be made
+    # public by the hooks' owner): which parameters the hooks attribute to examples.
+    def guarded_params(self) -> list[nn.Parameter]:
+        hooks = self.hooks
+        return [p for p in hooks._all_params() if hooks._guarded(p)]
+
+    @property
+    def gram_dtype(self) -> torch.dtype:
+        return self.hooks.gram_dtype
+
+    @property
+    def batch_size(self) -> int:
+        return self.hooks.batch_size
+
+    def gram(self) -> torch.Tensor:
+        return self.hooks.gram()
+
+    def rows(self):
+        return flatten_per_example(self.hooks.per_example_grads(), self.guarded_params(),
+                                   self.hooks.batch_size)
+
+    def micro_step(self) -> None:
+        pass  # the hooks keep every micro-batch's captures until clear()
+
+    def backward_scale(self) -> int | None:
+        """s with ``s · .grad == Σ_j g_j`` (see :meth:`GramHooks.backward_scale`)."""
+        return self.hooks.backward_scale()
+
+    def grads_modified(self) -> bool:
+        return self.hooks.grads_modified()
+
+    def apply(self, weights: torch.Tensor, *, denom: float) -> None:
+        """Rebuild every guarded ``.grad`` as Σ_j w_j g_j / denom from the captures.
+
+        A rebuild, never a correction of ``.grad``: an example with weight 0 contributes
+        an exact 0, so it has no influence at all (a correction ``.grad − Σ_dropped g_j``
+        leaves a rounding residue that Adam normalises into a full-size step). Loss terms
+        no guarded layer sees (a penalty on the parameters in the loss) are therefore not
+        part of a rebuilt update.
+        """
+        new = self.hooks.weighted_grads(weights / denom) if weights.shape[0] else {}
+        for p in self.guarded_params():
+            g = new.get(p)
+            if g is None:
+                if p.grad is not None:
+                    p.grad.zero_()
+                continue
+            # In the parameter's own layout (einsum results may be transposed): what
+            # autograd would have produced, so later accumulation keeps its fast path.
+            p.grad = g if _owns_layout(g, p) else torch.empty_like(p).copy_(g)
+
+    def clear(self) -> None:
+        self.hooks.clear()
+
+    def paused(self):
+        return self.hooks.paused()
+
+    def remove(self) -> None:
+        self.hooks.remove()
+
+
+class OpacusGramSource:
+    """Opacus's per-example gradients (``p.grad_sample``) under a ``DPOptimizer``.
+
+    Weights scale ``grad_sample`` before Opacus clips, noises and averages it.
+    """
+
+    name = "opacus"
+    gram_dtype = torch.float64
+
+    def __init__(self, dp_optimizer, *, policy_acts: bool):
+        self.optimizer = dp_optimizer
+        self.policy_acts = policy_acts
+        self._stash: list[torch.Tensor] = []
+        self._rows: torch.Tensor | None = None
+
+    def guarded_params(self) -> list[nn.Parameter]:
+        return list(self.optimizer.params)
+
+    def _current_rows(self) -> torch.Tensor:
+        rows = []
+        for p in self.optimizer.params:
+            gs = p.grad_sample
+            if isinstance(gs, list):  # opacus keeps a list when a module ran twice
+                gs = torch.stack(gs).sum(0)
+            if gs is not None:
+                # explicit width: reshape(0, -1) is ambiguous for an empty (Poisson) batch
+                rows.append(gs.reshape(gs.shape[0], math.prod(gs.shape[1:])).to(torch.float64))
+        return torch.cat(rows, 1) if rows else torch.zeros(0, 0, dtype=torch.float64)
+
+    def rows(self):
+        if self._rows is None:
+            self._rows = torch.cat([*self._stash, self._current_rows()])
+            self._stash.clear()
+        return self._rows, None
+
+    def gram(self) -> torch.Tensor:
+        G, _ = self.rows()
+        return G @ G.T
+
+    def micro_step(self) -> None:
+        if self.policy_acts:
+            raise NotImplementedError(
+                "policy weights must be applied before DP clipping, but with Opacus's "
+                "BatchMemoryManager the logical batch's GNQ is known only after its last "
+                "micro-batch, when earlier ones are already clipped. Use policy='monitor' "
+                "with BatchMemoryManager, or physical batch = logical batch.")
+        self._stash.append(self._current_rows())
+
+    def apply(self, weights: torch.Tensor, *, denom: float) -> None:
+        for p in self.optimizer.params:
+            gs = p.grad_sample
+            if isinstance(gs, list):
+                raise NotImplementedError("policies with a module used twice under Opacus")
+            if gs is not None:
+                w = weights.to(device=gs.device, dtype=gs.dtype)
+                p.grad_sample = gs * w.view(-1, *([1] * (gs.dim() - 1)))
+
+    def clear(self) -> None:
+        self._stash.clear()
+        self._rows = None
+
+    def paused(self):
+        return contextlib.nullcontext()
+
+    def remove(self) -> None:
+        self.clear()
+
+
+def gram_source_for(module: nn.Module, optimizer, *, policy_acts: bool, **hook_kwargs):
+    """The Gram source for this model and optimizer (Opacus's when it is a DPOptimizer)."""
+    if is_dp_optimizer(optimizer):
+        return OpacusGramSource(optimizer, policy_acts=policy_acts)
+    return HookGramSource(module, **hook_kwargs)
