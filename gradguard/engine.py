@@ -733,17 +733,15 @@ class GradGuard:
         for name, t in state["ledger"].items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"state ledger field {name!r} holds NaN/Inf")
+        # ---- apply: the probe first (it validates its own state and may refuse it),
+        # then what was validated above, which cannot fail.
         curvature = state.get("curvature")
-        if curvature is not None and self.curvature is not None and \
-                hasattr(self.curvature, "check_state_dict"):
-            self.curvature.check_state_dict(curvature)
-        # ---- apply
+        if curvature is not None and self.curvature is not None:
+            self.curvature.load_state_dict(curvature)
         self.step = counts["step"]
         self.skipped_nonfinite = counts["skipped_nonfinite"]
         self.rule.load_state_dict(state, device=self.ledger.device)
         self.ledger.load_state_dict(state["ledger"])
-        if curvature is not None and self.curvature is not None:
-            self.curvature.load_state_dict(curvature)
 
     def resume(self, run_dir: str | None = None) -> int:
         """Load the run directory's last complete state (``save_every`` / ``close()``).
