@@ -442,9 +442,11 @@ class GradGuard:
             self._dist.keep_rows(self.source.rows()[0])
         return K
 
-    def _check_accumulation(self) -> None:
-        """Warn once when several micro-batches reach one step with accumulation_steps=1."""
+    def _check_accumulation(self, optimizer: GuardedOptimizer) -> None:
+        """Warn once when several micro-batches reach one step with accumulation_steps=1
+        (virtual steps, ``signal_skip_step``, declare their convention themselves)."""
         if (self.accumulation_steps == 1 and not self._warned_accumulation
+                and optimizer.accumulated_iterations == 1
                 and self.loader is not None and len(self.loader.consumed) > 1
                 and isinstance(self.source, HookGramSource)):
             self._warned_accumulation = True
@@ -532,7 +534,7 @@ class GradGuard:
         K = self._gram()
         B = K.shape[0]
         device = self.ledger.device
-        self._check_accumulation()
+        self._check_accumulation(optimizer)
         indices = self._indices_for(B, device)
         if B == 0 and self._dist is None:  # under DDP the other ranks still need this one
             return self._empty_step(optimizer, device)
