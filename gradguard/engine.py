@@ -390,20 +390,9 @@ class GradGuard:
 
     # ------------------------------------------------------------------ step observer
     def on_zero_grad(self, optimizer: GuardedOptimizer) -> None:
-        """The loop cleared the gradients: forget the captures of the last step.
-
-        Captures still here belong to backward passes that never reached a step (a
-        GradScaler skipped it for inf/NaN): their batches are forgotten too.
-        """
-        if self.source is None:
-            return
-        pending = 0
-        if isinstance(self.source, HookGramSource):
-            with contextlib.suppress(Exception):  # (a step would report any capture error)
-                pending = self.source.batch_size
-        self.source.clear()
-        if pending and self.loader is not None:
-            self.loader.discard_oldest(pending)
+        """The loop cleared the gradients: forget the captures of the last step."""
+        if self.source is not None:
+            self.source.clear()
 
     def on_micro_step(self, optimizer: GuardedOptimizer) -> None:
         """A virtual (skipped) step: keep what is needed for the logical batch's GNQ."""
@@ -428,6 +417,12 @@ class GradGuard:
         if self.loader is None:
             raise RuntimeError("gradguard does not know which examples are in this batch: pass "
                                "data_loader= to make_guarded or call guard.set_batch_indices().")
+        if self.grad_scaler is not None:
+            # Batches whose step the GradScaler skipped (inf/NaN) never reached the guard;
+            # their gradients were cleared by zero_grad(). Forget them: oldest first.
+            extra = sum(len(b) for b in self.loader.consumed) - batch
+            if extra > 0:
+                self.loader.discard_oldest(extra)
         return self.loader.take(batch, device=device)
 
     def _gram(self) -> torch.Tensor:
