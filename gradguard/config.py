@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .distributed import GNQ_MODES
-from .policies import POLICIES, Quantile
+from .policies import POLICIES, Quantile, check_budget, check_threshold
 from .validation import check_bool, check_choice, check_int, check_real
 
 __all__ = ["GuardConfig", "STRATEGIES", "NONFINITE_ACTIONS"]
@@ -60,18 +60,8 @@ class GuardConfig:
         set_ = object.__setattr__  # frozen: normalise numbers to float/int once
         set_(self, "lam", check_real("lam", self.lam, positive=True, normal=True))
         check_bool("relative_lam", self.relative_lam)
-        if self.threshold is not None and not isinstance(self.threshold, Quantile):
-            try:
-                set_(self, "threshold", check_real("threshold", self.threshold, positive=True))
-            except ValueError:
-                raise ValueError(f"threshold must be a number > 0 or gradguard.Quantile(q), "
-                                f"got {self.threshold!r}") from None
-        if self.budget is not None:
-            try:
-                set_(self, "budget", check_real("budget", self.budget, positive=True))
-            except ValueError:
-                raise ValueError(f"budget must be a number of nats > 0, got "
-                                f"{self.budget!r}") from None
+        set_(self, "threshold", check_threshold(self.threshold))
+        set_(self, "budget", check_budget(self.budget))
         if self.policy in ("clip", "drop") and self.threshold is None and self.budget is None:
             raise ValueError(f"policy='{self.policy}' needs threshold= (a GNQ value or "
                              "gradguard.Quantile(q)) or budget= (nats)")

@@ -390,20 +390,9 @@ class GradGuard:
 
     # ------------------------------------------------------------------ step observer
     def on_zero_grad(self, optimizer: GuardedOptimizer) -> None:
-        """The loop cleared the gradients: forget the captures of the last step.
-
-        Captures still here belong to backward passes that never reached a step (a
-        GradScaler skipped it for inf/NaN): their batches are forgotten too.
-        """
-        if self.source is None:
-            return
-        pending = 0
-        if isinstance(self.source, HookGramSource):
-            with contextlib.suppress(Exception):  # (a step would report any capture error)
-                pending = self.source.batch_size
-        self.source.clear()
-        if pending and self.loader is not None:
-            self.loader.discard_oldest(pending)
+        """The loop cleared the gradients: forget the captures of the last step."""
+        if self.source is not None:
+            self.source.clear()
 
     def on_micro_step(self, optimizer: GuardedOptimizer) -> None:
         """A virtual (skipped) step: keep what is needed for the logical batch's GNQ."""
@@ -428,6 +417,12 @@ class GradGuard:
         if self.loader is None:
             raise RuntimeError("gradguard does not know which examples are in this batch: pass "
                                "data_loader= to make_guarded or call guard.set_batch_indices().")
+        if self.grad_scaler is not None:
+            # Batches whose step the GradScaler skipped (inf/NaN) never reached the guard;
+            # their gradients were cleared by zero_grad(). Forget them: oldest first.
+            extra = sum(len(b) for b in self.loader.consumed) - batch
+            if extra > 0:
+                self.loader.discard_oldest(extra)
         return self.loader.take(batch, device=device)
 
     def _gram(self) -> torch.Tensor:
@@ -442,9 +437,11 @@ class GradGuard:
             self._dist.keep_rows(self.source.rows()[0])
         return K
 
-    def _check_accumulation(self) -> None:
-        """Warn once when several micro-batches reach one step with accumulation_steps=1."""
+    def _check_accumulation(self, optimizer: GuardedOptimizer) -> None:
+        """Warn once when several micro-batches reach one step with accumulation_steps=1
+        (virtual steps, ``signal_skip_step``, declare their convention themselves)."""
         if (self.accumulation_steps == 1 and not self._warned_accumulation
+                and optimizer.accumulated_iterations == 1
                 and self.loader is not None and len(self.loader.consumed) > 1
                 and isinstance(self.source, HookGramSource)):
             self._warned_accumulation = True
@@ -532,7 +529,7 @@ class GradGuard:
         K = self._gram()
         B = K.shape[0]
         device = self.ledger.device
-        self._check_accumulation()
+        self._check_accumulation(optimizer)
         indices = self._indices_for(B, device)
         if B == 0 and self._dist is None:  # under DDP the other ranks still need this one
             return self._empty_step(optimizer, device)
@@ -733,17 +730,15 @@ class GradGuard:
         for name, t in state["ledger"].items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"state ledger field {name!r} holds NaN/Inf")
+        # ---- apply: the probe first (it validates its own state and may refuse it),
+        # then what was validated above, which cannot fail.
         curvature = state.get("curvature")
-        if curvature is not None and self.curvature is not None and \
-                hasattr(self.curvature, "check_state_dict"):
-            self.curvature.check_state_dict(curvature)
-        # ---- apply
+        if curvature is not None and self.curvature is not None:
+            self.curvature.load_state_dict(curvature)
         self.step = counts["step"]
         self.skipped_nonfinite = counts["skipped_nonfinite"]
         self.rule.load_state_dict(state, device=self.ledger.device)
         self.ledger.load_state_dict(state["ledger"])
-        if curvature is not None and self.curvature is not None:
-            self.curvature.load_state_dict(curvature)
 
     def resume(self, run_dir: str | None = None) -> int:
         """Load the run directory's last complete state (``save_every`` / ``close()``).

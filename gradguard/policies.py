@@ -181,6 +181,37 @@ class Decision:
     censor: torch.Tensor | None = None
 
 
+def check_threshold(threshold: float | Quantile | None) -> float | Quantile | None:
+    """A policy threshold: ``None``, a :class:`Quantile`, or a finite number > 0 (as float).
+
+    Example:
+        >>> check_threshold(3)
+        3.0
+    """
+    if threshold is None or isinstance(threshold, Quantile):
+        return threshold
+    try:
+        return check_real("threshold", threshold, positive=True)
+    except ValueError:
+        raise ValueError(f"threshold must be a number > 0 or gradguard.Quantile(q), got "
+                         f"{threshold!r}") from None
+
+
+def check_budget(budget: float | None) -> float | None:
+    """A disclosure budget: ``None`` or a finite number of nats > 0 (as float).
+
+    Example:
+        >>> check_budget(2)
+        2.0
+    """
+    if budget is None:
+        return None
+    try:
+        return check_real("budget", budget, positive=True)
+    except ValueError:
+        raise ValueError(f"budget must be a number of nats > 0, got {budget!r}") from None
+
+
 class Policy:
     """Base of the policies: what to do with a step's examples given their GNQ.
 
@@ -193,19 +224,8 @@ class Policy:
 
     def __init__(self, *, threshold: float | Quantile | None = None,
                  budget: float | None = None):
-        if threshold is not None and not isinstance(threshold, Quantile):
-            try:
-                threshold = check_real("threshold", threshold, positive=True)
-            except ValueError:
-                raise ValueError(f"threshold must be a number > 0 or gradguard.Quantile(q), "
-                                f"got {threshold!r}") from None
-        if budget is not None:
-            try:
-                budget = check_real("budget", budget, positive=True)
-            except ValueError:
-                raise ValueError(f"budget must be a number of nats > 0, got {budget!r}") from None
-        self.threshold = threshold
-        self.budget = budget
+        self.threshold = check_threshold(threshold)
+        self.budget = check_budget(budget)
         self._window: list[torch.Tensor] = []
         self.dropped_total: torch.Tensor | float = 0.0
         self.clipped_total: torch.Tensor | float = 0.0
