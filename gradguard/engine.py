@@ -481,16 +481,17 @@ class GradGuard:
 
     def _grads_nonfinite(self, optimizer: GuardedOptimizer) -> str | None:
         """Which parameters' final gradients (what the optimizer applies) are NaN/Inf."""
-        bad = [i for i, p in enumerate(optimizer.params)
-               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        ok = not bad
+        params = [p for p in optimizer.params if p.grad is not None]
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]) if params \
+            else torch.ones(0, dtype=torch.bool)
+        ok = bool(finite.all())  # one host sync for all parameters
         if self._dist is not None:
             ok = self._dist.agree(ok)
         if ok:
             return None
         names = {id(p): n for n, p in unwrap_ddp(self.module).named_parameters()}
-        params = optimizer.params
-        where = [names.get(id(params[i]), f"param {i}") for i in bad][:10]
+        where = [names.get(id(p), f"param {i}") for i, p in enumerate(params)
+                 if not bool(finite[i])][:10]
         return (f"the gradients about to be applied are NaN/Inf in {where}, while every "
                 "guarded per-example gradient is finite: the NaN/Inf comes from a loss term "
                 "outside the guarded layers (e.g. a penalty on the parameters) or from a "
