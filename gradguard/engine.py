@@ -751,8 +751,10 @@ class GradGuard:
         (:attr:`step` of them). TensorBoard steps logged after that state are purged, so a
         resumed run shows each step once.
 
+        A run killed before its first save has no state: then nothing is loaded, the
+        events it logged are purged, and 0 is returned (start from scratch).
+
         Raises:
-            FileNotFoundError: nothing saved yet (start from scratch).
             ValueError: the saved state is not valid (the guard is left untouched).
 
         Returns:
@@ -761,7 +763,11 @@ class GradGuard:
         run_dir = run_dir or self.log_dir
         if run_dir is None:
             raise ValueError("resume needs run_dir= (or log_dir= on the GradGuard)")
-        state = rundir.load_state(run_dir)
+        try:
+            state = rundir.load_state(run_dir)
+        except FileNotFoundError:
+            self._reopen_sink()
+            return 0
         training = state.get("training")
         if training is not None:
             # Validated as a whole first (a scratch load), so a bad file changes nothing.
@@ -775,13 +781,17 @@ class GradGuard:
                 raise
         else:
             self.load_state_dict(state)
+        self._reopen_sink()
+        return self.step
+
+    def _reopen_sink(self) -> None:
+        """Reopen TensorBoard purging the events logged after :attr:`step`."""
         if self.sink is not None:
             from .tensorboard import TensorBoardSink
 
             self.sink.close()
             self.sink = TensorBoardSink(self.log_dir, top_k=self.top_k,
                                         purge_step=self.step + 1)
-        return self.step
 
     def summary(self) -> dict[str, Any]:
         """Plain-number summary of the run so far."""

@@ -52,10 +52,7 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path, s
     # a writer opened in the same second as the killed run's could sort before it.
     time.sleep(1.1)
     guard, model, opt, loader = build(run_dir)
-    try:
-        start = guard.resume()
-    except FileNotFoundError:
-        start = 0  # killed before the first save: start again
+    start = guard.resume()  # 0 when killed before the first save
     assert 0 <= start <= TOTAL
     print(f"killed while running: {killed_while_running}; resumed at step {start}")
     train(guard, model, opt, loader, skip=start)
