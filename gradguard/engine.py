@@ -30,6 +30,13 @@ from .distributed import (
     resolve_sync,
     unwrap_ddp,
 )
+from .dp import (
+    INDIVIDUAL_EPS_NOTE,
+    RELEASED_GNQ_NOTE,
+    OpacusRelease,
+    dp_scalars,
+    start_individual_accounting,
+)
 from .ledger import BOUND_ASSUMPTIONS, DisclosureLedger
 from .loader import IndexTrackingLoader, track_indices
 from .optimizer import GuardedOptimizer
@@ -100,6 +107,15 @@ class GradGuard:
             global-batch GNQ by all-gathering per-example gradients: B_global × P memory
             per rank). See :mod:`gradguard.distributed`.
         process_group: the ``torch.distributed`` group to agree within (default: world).
+        delta: δ of the individual ε recorded under DP-SGD (``ledger.eps``); use the δ
+            the run's own ε is stated at.
+
+    Under Opacus (``make_guarded`` given a ``DPOptimizer``) GNQ, the ledger and the policy
+    describe the *released* update: per-example gradients clipped as Opacus clips them,
+    with the Gaussian noise in the ridge (λ + σ²C²); see :mod:`gradguard.dp`. Without
+    Opacus, under ``clip``/``drop`` the ledger records the GNQ of the update actually
+    applied (the effective GNQ after the policy's weights). Either way ``cum_gnq_raw`` /
+    ``max_gnq_raw`` keep what an unprotected update would have disclosed.
 
     Example:
         >>> import torch, gradguard as gg
@@ -124,7 +140,7 @@ class GradGuard:
                  on_nonfinite: str = "raise", strategy: str = "auto",
                  gram_dtype: torch.dtype | None = None, top_k: int = 10,
                  num_examples: int | None = None, distributed: bool | None = None,
-                 distributed_gnq: str = "local", process_group=None):
+                 distributed_gnq: str = "local", process_group=None, delta: float = 1e-5):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         resolve_lam(torch.zeros(1, 1), lam)  # validates lam
@@ -166,6 +182,9 @@ class GradGuard:
         self.distributed = distributed
         self.distributed_gnq = distributed_gnq
         self.process_group = process_group
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must lie in (0, 1) (the run's δ), got {delta!r}")
+        self.delta = delta
 
         self.ledger: DisclosureLedger | None = None
         self.module: nn.Module | None = None
@@ -186,6 +205,10 @@ class GradGuard:
         self._window: list[torch.Tensor] = []
         self._manual_indices: torch.Tensor | None = None
         self._dp = False
+        self._release: OpacusRelease | None = None  # the DP-SGD release (Opacus runs)
+        self._accountant = None  # gradguard.dp.IndividualAccountant under DP-SGD
+        self._last_gnq_raw: torch.Tensor | None = None
+        self._raw_gram: torch.Tensor | None = None  # DP-SGD: this step's unclipped Gram
         self._stash: list[torch.Tensor] = []
         self._dist: DistributedSync | None = None  # set by make_guarded under DDP
         self._closed = False
@@ -222,6 +245,7 @@ class GradGuard:
         self._dp = _is_dp_optimizer(optimizer)
         if self._dp:
             self._check_opacus(optimizer, loss_reduction)
+            self._release = OpacusRelease(optimizer, module=module)
         else:
             self.hooks = GramHooks(unwrap_ddp(module), loss_reduction=loss_reduction,
                                    batch_first=batch_first, strategy=self.strategy,
@@ -240,6 +264,17 @@ class GradGuard:
         self._dist = resolve_sync(module=module, optimizer=optimizer, enabled=self.distributed,
                                   gnq_mode=self.distributed_gnq, group=self.process_group,
                                   device=device)
+        if self._dp:
+            if self._dist is not None and self.policy != "monitor":
+                raise NotImplementedError(
+                    "policies under Opacus with distributed training: the released GNQ of a "
+                    "reweighted, re-clipped batch is computed per rank only. Use "
+                    "policy='monitor', or a single process.")
+            self._accountant = start_individual_accounting(
+                self._release, num_examples=self.num_examples, data_loader=data_loader,
+                expected_batch_size=expected, device=device)
+            if float(optimizer.noise_multiplier) == 0:
+                self.ledger.eps.fill_(math.inf)  # the clipped sum in the clear: no guarantee
         if self.log_dir is not None and (self._dist is None or self._dist.is_main):
             from .tensorboard import TensorBoardSink
 
@@ -248,7 +283,9 @@ class GradGuard:
                         else f"absolute: λ = {self.lam:g}")
             self.sink.log_text("config", f"policy={self.policy}; {lam_text}; threshold="
                                f"{self.threshold}; budget={self.budget}; "
-                               f"loss_reduction={loss_reduction}. {BOUND_ASSUMPTIONS}", 0)
+                               f"loss_reduction={loss_reduction}. {BOUND_ASSUMPTIONS}"
+                               + (f" {RELEASED_GNQ_NOTE} {INDIVIDUAL_EPS_NOTE} δ={self.delta:g}."
+                                  if self._dp else ""), 0)
         self._run_probe()  # the step-0 baseline, before any update
         return module, self.optimizer, (self.loader if self.loader is not None else data_loader)
 
@@ -258,11 +295,6 @@ class GradGuard:
             raise ValueError(
                 f"loss_reduction={loss_reduction!r} contradicts the Opacus optimizer's "
                 f"loss_reduction={optimizer.loss_reduction!r}; pass the same value to both.")
-        if not hasattr(type(optimizer), "grad_samples") or type(optimizer).__name__.endswith(
-                "FastGradientClipping"):
-            raise ValueError(
-                "gradguard reads Opacus's per-example gradients (grad_sample), which ghost "
-                "clipping never materialises. Use make_private(..., grad_sample_mode='hooks').")
 
     @staticmethod
     def _expected_batch_size(optimizer, data_loader) -> int | None:
@@ -294,18 +326,7 @@ class GradGuard:
                     "BatchMemoryManager the logical batch's GNQ is known only after its last "
                     "micro-batch, when earlier ones are already clipped. Use policy='monitor' "
                     "with BatchMemoryManager, or physical batch = logical batch.")
-            self._stash.append(self._opacus_rows(optimizer.original_optimizer))
-
-    def _opacus_rows(self, dp_optimizer) -> torch.Tensor:
-        rows = []
-        for p in dp_optimizer.params:
-            gs = p.grad_sample
-            if isinstance(gs, list):  # opacus keeps a list when a module ran twice
-                gs = torch.stack(gs).sum(0)
-            if gs is not None:
-                # explicit width: reshape(0, -1) is ambiguous for an empty (Poisson) batch
-                rows.append(gs.reshape(gs.shape[0], math.prod(gs.shape[1:])).to(torch.float64))
-        return torch.cat(rows, 1) if rows else torch.zeros(0, 0, dtype=torch.float64)
+            self._stash.append(self._release.rows())
 
     def _indices_for(self, batch: int, device) -> torch.Tensor:
         if self._manual_indices is not None:
@@ -321,11 +342,13 @@ class GradGuard:
 
     def _gram(self, optimizer: GuardedOptimizer) -> torch.Tensor:
         if self._dp:
-            G = torch.cat([*self._stash, self._opacus_rows(optimizer.original_optimizer)])
+            # The released Gram (clipped rows); the raw one stays with the release.
+            G = torch.cat([*self._stash, self._release.rows()])
             self._stash.clear()
+            self._raw_gram, K = self._release.measure(G)
             if self._dist is not None:
-                self._dist.keep_rows(G)
-            return G @ G.T
+                self._dist.keep_rows(self._release.released_rows(G))
+            return K
         if self._dist is not None and self._dist.gnq_mode == "global":
             # Exact global-batch GNQ needs the rows themselves, not just this rank's Gram.
             params = [p for p in self.hooks._all_params() if self.hooks._guarded(p)]
@@ -400,6 +423,7 @@ class GradGuard:
             if self.policy != "monitor":
                 self._apply_weights(optimizer, torch.zeros(0, dtype=torch.float64, device=device))
             self.step += 1
+            self._account(indices, None)
             return True
         if self._nonfinite(K, indices):
             optimizer.original_optimizer.zero_grad(set_to_none=True)
@@ -412,9 +436,17 @@ class GradGuard:
             K, indices, own, rows = self._dist.share_batch(K, indices, gram_dtype=(
                 self.hooks.gram_dtype if self.hooks is not None else torch.float64))
         lam = resolve_lam(K, self.lam, relative=self.relative_lam)
+        gnq_raw = None
+        if self._dp:  # the Gaussian noise is part of the ridge of the released update
+            lam_raw = resolve_lam(self._raw_gram, self.lam, relative=self.relative_lam)
+            gnq_raw = gnq_from_gram(self._raw_gram, lam_raw)  # this rank's rows
+            lam = lam + self._release.noise_ridge()
+            if self._dist is not None:
+                gnq_raw = self._dist.share_rows(gnq_raw, own)
         gnq = gnq_from_gram(K, lam)
         if self._dist is not None:
             gnq = self._dist.share_rows(gnq, rows)
+        gnq_raw = gnq if gnq_raw is None else gnq_raw
         blocked = self.ledger.is_censored(indices) if self.policy != "monitor" else None
         if self.policy == "monitor":
             weights, effective = torch.ones_like(gnq), gnq
@@ -432,6 +464,8 @@ class GradGuard:
                 blocked = None  # nothing censored: spares policy_weights a B³ re-solve
             weights, effective = policy_weights(self.policy, K, gnq[rows], lam, tau=tau[rows],
                                                 blocked=blocked)
+            if self._dp:  # exactly what Opacus releases once it clips the reweighted rows
+                effective = self._release.effective_gnq(weights, lam)
             if self._dist is not None:
                 weights = self._dist.share_rows(weights, rows)
                 effective = self._dist.share_rows(effective, rows)
@@ -439,11 +473,13 @@ class GradGuard:
             self._dropped_total = self._dropped_total + (weights == 0).sum()
             self._clipped_total = self._clipped_total + ((weights > 0) & (weights < 1)).sum()
         self.step += 1
-        self.ledger.update(indices, effective, self.step)
+        self.ledger.update(indices, effective, self.step, gnq_raw=gnq_raw)
+        self._account(indices, weights)
         if self.budget is not None and self.policy != "monitor":
             # Dropping others can raise a kept example's effective GNQ past its budget.
             self.ledger.censor(indices, where=self.ledger.bound(indices) >= self.budget)
         self.last_gnq, self.last_weights, self.last_indices = gnq, weights, indices
+        self._last_gnq_raw = gnq_raw
         self.last_lam = lam
         if self.sink is not None and self.step % self.log_every == 0:
             self._log_step()
@@ -453,13 +489,7 @@ class GradGuard:
     def _apply_weights(self, optimizer: GuardedOptimizer, weights: torch.Tensor) -> None:
         """Replace the guarded gradients by Σ_j w_j g_j / expected batch size."""
         if self._dp:
-            for p in optimizer.original_optimizer.params:
-                gs = p.grad_sample
-                if isinstance(gs, list):
-                    raise NotImplementedError("policies with a module used twice under Opacus")
-                if gs is not None:
-                    w = weights.to(device=gs.device, dtype=gs.dtype)
-                    p.grad_sample = gs * w.view(-1, *([1] * (gs.dim() - 1)))
+            self._release.apply_weights(weights)  # released rows: w_j·(clipped g_j)
             return
         denom = 1.0
         if self.loss_reduction == "mean":
@@ -510,12 +540,23 @@ class GradGuard:
             # DDP averaged the gradients during backward, before this rewrite.
             self._dist.average_gradients(guarded)
 
+    def _account(self, indices: torch.Tensor, weights: torch.Tensor | None) -> None:
+        """Individual ε under DP-SGD: this step's released norms into the accountant."""
+        if self._accountant is None:
+            return
+        ratios = self._release.released_ratios(weights) if indices.numel() else None
+        self._accountant.step(indices, ratios)
+        self.ledger.set_epsilon(self._accountant.epsilon(self.delta))
+
     def _log_step(self) -> None:
         stats = {"dropped_total": self._dropped_total, "clipped_total": self._clipped_total}
         weights = None if self.policy == "monitor" else self.last_weights
         self.sink.log_step(self.step, gnq=self.last_gnq, weights=weights, ledger=self.ledger,
                            lam=self.last_lam, policy_stats=stats)
         self.sink.log_scalars({"time/guard_seconds": self.guard_seconds}, self.step)
+        self.sink.log_scalars(dp_scalars(
+            gnq_raw=self._last_gnq_raw,
+            eps=self.ledger.eps if self._accountant is not None else None), self.step)
         self.sink.log_top_table(self.step, self.ledger)
 
     def _after_step(self, optimizer: GuardedOptimizer) -> None:
@@ -552,6 +593,8 @@ class GradGuard:
         }
         if self.curvature is not None and hasattr(self.curvature, "state_dict"):
             state["curvature"] = self.curvature.state_dict()
+        if self._accountant is not None:
+            state["individual_rdp"] = self._accountant.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -568,6 +611,8 @@ class GradGuard:
         self._window = [w.to(self.ledger.device) for w in state["window"]]
         if "curvature" in state and self.curvature is not None:
             self.curvature.load_state_dict(state["curvature"])
+        if "individual_rdp" in state and self._accountant is not None:
+            self._accountant.load_state_dict(state["individual_rdp"])
 
     def summary(self) -> dict[str, Any]:
         """Plain-number summary of the run so far."""
