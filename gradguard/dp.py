@@ -82,7 +82,7 @@ INDIVIDUAL_EPS_NOTE = (
     "eps: each example's individual ε at the run's δ (individual Rényi DP, Feldman & Zrnic "
     "2021), from its clipped gradient norm at the steps it was sampled in and the clipping "
     "norm C at every other step, norms rounded up to a log-spaced grid: an upper bound, never "
-    "above the run's ε. NaN: not DP-accounted."
+    "above the run's ε. ∞: no DP guarantee accounted."
 )
 
 
@@ -417,7 +417,8 @@ class IndividualAccountant:
         num_examples: training-set size N.
         noise_multiplier: σ of the run (Opacus's ``noise_multiplier``).
         sample_rate: Poisson sampling rate q (Opacus: 1 / len(data_loader)).
-        n_bins: grid size for r.
+        n_bins: grid size for r (the default grid's ratios are 5.6% apart: a norm is
+            over-stated by at most that factor).
         min_ratio: smallest grid value > 0 (smaller ratios round up to it).
         orders: Rényi orders (default: Opacus's ``RDPAccountant.DEFAULT_ALPHAS``).
         device: where the ``[N, n_orders]`` float64 RDP matrix lives.
@@ -431,7 +432,7 @@ class IndividualAccountant:
     """
 
     def __init__(self, num_examples: int, *, noise_multiplier: float, sample_rate: float,
-                 n_bins: int = 64, min_ratio: float = 1e-3,
+                 n_bins: int = 128, min_ratio: float = 1e-3,
                  orders: Sequence[float] | None = None,
                  device: torch.device | str | None = None) -> None:
         if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):

@@ -207,7 +207,7 @@ class GradGuard:
         self._dp = False
         self._release: OpacusRelease | None = None  # the DP-SGD release (Opacus runs)
         self._accountant = None  # gradguard.dp.IndividualAccountant under DP-SGD
-        self._last_gnq_raw: torch.Tensor | None = None
+        self.last_gnq_raw: torch.Tensor | None = None
         self._raw_gram: torch.Tensor | None = None  # DP-SGD: this step's unclipped Gram
         self._stash: list[torch.Tensor] = []
         self._dist: DistributedSync | None = None  # set by make_guarded under DDP
@@ -474,12 +474,12 @@ class GradGuard:
             self._clipped_total = self._clipped_total + ((weights > 0) & (weights < 1)).sum()
         self.step += 1
         self.ledger.update(indices, effective, self.step, gnq_raw=gnq_raw)
-        self._account(indices, weights)
+        self._account(indices, weights, own)
         if self.budget is not None and self.policy != "monitor":
             # Dropping others can raise a kept example's effective GNQ past its budget.
             self.ledger.censor(indices, where=self.ledger.bound(indices) >= self.budget)
         self.last_gnq, self.last_weights, self.last_indices = gnq, weights, indices
-        self._last_gnq_raw = gnq_raw
+        self.last_gnq_raw = gnq_raw
         self.last_lam = lam
         if self.sink is not None and self.step % self.log_every == 0:
             self._log_step()
@@ -540,11 +540,16 @@ class GradGuard:
             # DDP averaged the gradients during backward, before this rewrite.
             self._dist.average_gradients(guarded)
 
-    def _account(self, indices: torch.Tensor, weights: torch.Tensor | None) -> None:
+    def _account(self, indices: torch.Tensor, weights: torch.Tensor | None,
+                 own: slice = slice(None)) -> None:
         """Individual ε under DP-SGD: this step's released norms into the accountant."""
         if self._accountant is None:
             return
-        ratios = self._release.released_ratios(weights) if indices.numel() else None
+        ratios = None
+        if indices.numel():
+            ratios = self._release.released_ratios(None if weights is None else weights[own])
+            if self._dist is not None:  # every rank accounts the global batch alike
+                ratios = self._dist.share_rows(ratios, own)
         self._accountant.step(indices, ratios)
         self.ledger.set_epsilon(self._accountant.epsilon(self.delta))
 
@@ -555,7 +560,7 @@ class GradGuard:
                            lam=self.last_lam, policy_stats=stats)
         self.sink.log_scalars({"time/guard_seconds": self.guard_seconds}, self.step)
         self.sink.log_scalars(dp_scalars(
-            gnq_raw=self._last_gnq_raw,
+            gnq_raw=self.last_gnq_raw,
             eps=self.ledger.eps if self._accountant is not None else None), self.step)
         self.sink.log_top_table(self.step, self.ledger)
 

@@ -54,7 +54,7 @@ _FIELDS: dict[str, tuple[torch.dtype, Any]] = {
     # with these defaults.
     "cum_gnq_raw": (torch.float64, 0.0),
     "max_gnq_raw": (torch.float64, 0.0),
-    "eps": (torch.float64, math.nan),  # NaN: not DP-accounted
+    "eps": (torch.float64, math.inf),  # ∞: no DP guarantee accounted
 }
 _OPTIONAL_FIELDS = ("cum_gnq_raw", "max_gnq_raw", "eps")
 
@@ -87,7 +87,7 @@ class DisclosureLedger:
         max_gnq_raw: ``float64``, max_t of the raw GNQ.
         eps: ``float64``, example ``i``'s individual ε at the run's δ under DP-SGD
             (:class:`gradguard.dp.IndividualAccountant`: an upper bound, never above the run's
-            ε); NaN where the run is not DP-accounted.
+            ε); ∞ where no DP guarantee is accounted (training without DP-SGD, or σ = 0).
 
     Args:
         num_examples: size of the training dataset. When given, the ledger is preallocated
@@ -355,8 +355,8 @@ class DisclosureLedger:
             ``examples_seen`` (int64), ``max_bound`` and ``mean_bound`` (float64 nats, over
             examples seen at least once; 0 when none), ``censored_total`` (int64) and
             ``max_gnq`` (float64, 0 when none), ``max_gnq_raw`` (likewise, before DP
-            clipping/noise and policy), ``eps_max``/``eps_mean`` (individual ε over
-            DP-accounted examples; NaN when none is).
+            clipping/noise and policy), ``eps_max``/``eps_mean`` (individual ε; ∞ without
+            DP-SGD accounting).
         """
         seen = self.steps_seen > 0
         n_seen = seen.sum()
@@ -368,10 +368,7 @@ class DisclosureLedger:
             max_bound = torch.where(seen, self.cum_bound, neg_inf).amax()
             max_gnq = torch.where(seen, self.max_gnq, neg_inf).amax()
         max_raw = torch.where(seen, self.max_gnq_raw, zero).amax() if self.capacity else zero
-        accounted = torch.isfinite(self.eps)
-        n_acc = accounted.sum()
-        nan = torch.full((), math.nan, dtype=torch.float64, device=self._device)
-        eps_max = torch.where(accounted, self.eps, neg_inf).amax() if self.capacity else nan
+        inf = torch.full((), math.inf, dtype=torch.float64, device=self._device)
         any_seen = n_seen > 0
         return {
             "examples_seen": n_seen,
@@ -380,9 +377,8 @@ class DisclosureLedger:
             "censored_total": self.censored.sum(),
             "max_gnq": torch.where(any_seen, max_gnq, zero),
             "max_gnq_raw": max_raw,
-            "eps_max": torch.where(n_acc > 0, eps_max, nan),
-            "eps_mean": torch.where(n_acc > 0, torch.where(accounted, self.eps, zero).sum()
-                                    / n_acc.clamp(min=1), nan),
+            "eps_max": self.eps.amax() if self.capacity else inf,
+            "eps_mean": self.eps.mean() if self.capacity else inf,
         }
 
     def _rows(self, positions: torch.Tensor) -> list[dict[str, Any]]:
@@ -549,9 +545,9 @@ class DisclosureLedger:
         for name in ("max_gnq", "last_step", "max_gnq_raw"):
             mine = getattr(self, name)[:n]
             mine.copy_(torch.maximum(mine, theirs(name)))
-        # ε is not additive over batch streams; the larger (more conservative) one wins, and
-        # an accounted value wins over NaN (not accounted).
-        self.eps[:n] = torch.fmax(self.eps[:n], theirs("eps"))
+        # ε is not additive over batch streams: the larger (conservative) one wins, and a
+        # stream without DP accounting (∞) leaves no guarantee.
+        self.eps[:n] = torch.maximum(self.eps[:n], theirs("eps"))
         self.censored[:n] |= theirs("censored")
         return self
 
