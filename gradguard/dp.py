@@ -39,6 +39,14 @@ exactly as Opacus's RDP accountant does (same orders, same conversion), so an ex
 row is clipped at every step gets the run's ε, and none gets more. See
 :class:`IndividualAccountant` for the two approximations (binning, unsampled steps), both
 conservative.
+
+Not implemented: Feldman & Zrnic's individual *filter* (stop an example once its ε would
+pass a budget). Its guarantee needs every example's cost at a step to be fixed before the
+step. Under Poisson subsampling gradguard sees only the sampled examples' norms, so an
+honest filter would either charge every unsampled example C (then every example stops at
+the same step: that is just stopping training), or compute every example's norm at every
+step (a full pass per step); a filter that charged sampled examples less would let its
+decisions reveal which steps sampled them.
 """
 
 from __future__ import annotations
@@ -81,8 +89,9 @@ RELEASED_GNQ_NOTE = (
 INDIVIDUAL_EPS_NOTE = (
     "eps: each example's individual ε at the run's δ (individual Rényi DP, Feldman & Zrnic "
     "2021), from its clipped gradient norm at the steps it was sampled in and the clipping "
-    "norm C at every other step, norms rounded up to a log-spaced grid: an upper bound, never "
-    "above the run's ε. ∞: no DP guarantee accounted."
+    "norm C at every other step, norms rounded up to a log-spaced grid, by RDP accounting: "
+    "never above the run's ε from Opacus's RDP accountant (eps_run_rdp; Opacus's default PRV "
+    "accountant can report a tighter run ε). ∞: no DP guarantee accounted."
 )
 
 
@@ -148,19 +157,21 @@ def rdp_to_epsilon(rdp: torch.Tensor, orders: Sequence[float], delta: float) -> 
     return torch.nan_to_num(eps, nan=math.inf).amin(dim=-1)
 
 
-def dp_scalars(*, gnq_raw: torch.Tensor | None = None,
-               eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def dp_scalars(*, gnq_raw: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+               eps_run: float | None = None) -> dict[str, torch.Tensor | float]:
     """TensorBoard scalars (names under ``gradguard/``) for the raw GNQ and individual ε.
 
     Args:
         gnq_raw: ``[B]`` this step's raw (pre-clipping, pre-policy) GNQ: what an
             unprotected update would disclose.
-        eps: ``[N]`` individual ε of every example (NaN where not accounted).
+        eps: ``[N]`` individual ε of every example (∞ where not accounted).
+        eps_run: the run's ε by the same (RDP) accounting.
 
     Returns:
-        ``gnq_raw/{mean,p50,p95,max}`` and ``dp/{eps_max,eps_mean}`` (those it has data for).
+        ``gnq_raw/{mean,p50,p95,max}``, ``dp/{eps_max,eps_mean,eps_run_rdp}`` (those it has
+        data for).
     """
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | float] = {}
     if gnq_raw is not None and gnq_raw.numel():
         g = gnq_raw.to(torch.float64)
         q = torch.quantile(g, torch.tensor([0.5, 0.95], dtype=torch.float64, device=g.device))
@@ -170,6 +181,8 @@ def dp_scalars(*, gnq_raw: torch.Tensor | None = None,
         e = eps[torch.isfinite(eps)]
         if e.numel():
             out.update({"dp/eps_max": e.max(), "dp/eps_mean": e.mean()})
+    if eps_run is not None:
+        out["dp/eps_run_rdp"] = eps_run
     return out
 
 
@@ -397,7 +410,16 @@ class IndividualAccountant:
     Filter"; Yu et al. 2023, "Individual Privacy Accounting for Differentially Private
     Stochastic Gradient Descent"). The per-example RDP vectors add up over steps and are
     converted to ε at δ with Opacus's conversion over Opacus's RDP orders, so the numbers
-    are directly comparable with ``opacus.accountants.RDPAccountant``.
+    are directly comparable with ``opacus.accountants.RDPAccountant`` (:meth:`run_epsilon`
+    is the run's ε by that accountant; Opacus's default PRV accountant is tighter and can
+    report a run ε below some individual RDP ε values, and min(ε_j, ε_run) is then a valid
+    bound too).
+
+    What the number means: Feldman & Zrnic's individual RDP bounds example j's privacy loss
+    by the per-step costs its own gradient norms imply. Used *after* training it is an ex-post
+    statement (the norms depend on the data, so the ε values themselves are not private
+    releases); used as a filter with a budget fixed in advance it becomes a guarantee, which
+    gradguard does not implement (see the module's notes).
 
     Approximations, both conservative (they can only raise ε):
 
@@ -458,6 +480,7 @@ class IndividualAccountant:
                                 tuple(edges.tolist()), self.orders).to(device)
         self.rdp = torch.zeros(num_examples, len(self.orders), dtype=torch.float64,
                                device=device)
+        self.run_rdp = torch.zeros(len(self.orders), dtype=torch.float64, device=device)
         self.steps = 0
 
     def bins(self, ratios: torch.Tensor) -> torch.Tensor:
@@ -482,6 +505,7 @@ class IndividualAccountant:
             # a duplicate index (DistributedSampler padding) is charged its largest ratio
             b.scatter_reduce_(0, idx, self.bins(ratios), reduce="amax", include_self=False)
         self.rdp += self.bin_rdp[b]
+        self.run_rdp += self.bin_rdp[top]
         self.steps += 1
 
     def epsilon(self, delta: float) -> torch.Tensor:
@@ -490,9 +514,14 @@ class IndividualAccountant:
             return torch.zeros(self.rdp.shape[0], dtype=torch.float64, device=self.rdp.device)
         return rdp_to_epsilon(self.rdp, self.orders, delta)
 
+    def run_epsilon(self, delta: float) -> float:
+        """The run's ε at ``delta`` by RDP accounting (every example charged C every step)."""
+        return float(rdp_to_epsilon(self.run_rdp, self.orders, delta)) if self.steps else 0.0
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (``torch.load(..., weights_only=True)``)."""
-        return {"rdp": self.rdp.clone(), "steps": torch.tensor(self.steps)}
+        return {"rdp": self.rdp.clone(), "run_rdp": self.run_rdp.clone(),
+                "steps": torch.tensor(self.steps)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict`.
@@ -506,6 +535,7 @@ class IndividualAccountant:
                              f"accountant needs {tuple(self.rdp.shape)} (same training set "
                              "size and orders)")
         self.rdp = rdp.to(device=self.rdp.device, dtype=torch.float64).clone()
+        self.run_rdp = state["run_rdp"].to(device=self.rdp.device, dtype=torch.float64).clone()
         self.steps = int(state["steps"])
 
 

@@ -561,7 +561,9 @@ class GradGuard:
         self.sink.log_scalars({"time/guard_seconds": self.guard_seconds}, self.step)
         self.sink.log_scalars(dp_scalars(
             gnq_raw=self.last_gnq_raw,
-            eps=self.ledger.eps if self._accountant is not None else None), self.step)
+            eps=self.ledger.eps if self._accountant is not None else None,
+            eps_run=(self._accountant.run_epsilon(self.delta) if self._accountant is not None
+                     else None)), self.step)
         self.sink.log_top_table(self.step, self.ledger)
 
     def _after_step(self, optimizer: GuardedOptimizer) -> None:
@@ -625,6 +627,8 @@ class GradGuard:
         s.update(step=self.step, skipped_nonfinite=self.skipped_nonfinite,
                  dropped_total=float(self._dropped_total), clipped_total=float(self._clipped_total),
                  guard_seconds=self.guard_seconds, probe_seconds=self.probe_seconds)
+        if self._accountant is not None:
+            s["eps_run_rdp"] = self._accountant.run_epsilon(self.delta)
         return s
 
     def close(self) -> None:

@@ -2,8 +2,9 @@
 
 Before each real step it hands the step to its :class:`~gradguard.engine.GradGuard`,
 which measures GNQ, applies the policy to the gradients and updates the ledger; then
-the wrapped optimizer steps. Wrapping Opacus's ``DPOptimizer`` (hooks mode), the guard
-reads the raw per-example gradients before DP clipping and noise.
+the wrapped optimizer steps. Wrapping Opacus's ``DPOptimizer``, the guard measures the
+update DP-SGD releases (clipped per-example gradients, noise in the ridge; see
+:mod:`gradguard.dp`).
 """
 
 from __future__ import annotations

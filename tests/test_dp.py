@@ -308,12 +308,13 @@ def test_training_run_individual_eps_against_opacus_accountant(max_grad_norm, tm
         assert float(eps.min()) < 0.99 * run
     summary = guard.summary()
     assert summary["eps_max"] == pytest.approx(float(eps.max()), rel=1e-12)
+    assert summary["eps_run_rdp"] == pytest.approx(run, rel=1e-9)
     guard.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"gradguard/dp/eps_max", "gradguard/dp/eps_mean", "gradguard/gnq_raw/max",
-            "gradguard/gnq_raw/mean"} <= tags
+    assert {"gradguard/dp/eps_max", "gradguard/dp/eps_mean", "gradguard/dp/eps_run_rdp",
+            "gradguard/gnq_raw/max", "gradguard/gnq_raw/mean"} <= tags
     assert acc.Scalars("gradguard/dp/eps_max")[-1].value == pytest.approx(
         float(eps.max()), rel=1e-6)
 

@@ -15,9 +15,9 @@ order (a seeded ``torch.Generator``). The rows differ only in the defence:
 
 A GradGuard is attached to every row (``policy="monitor"`` for ``none`` and ``dp-sgd``,
 composed after Opacus' ``make_private_with_epsilon`` in hooks mode), so GNQ and the
-disclosure ledger are measured the same way everywhere. For DP-SGD rows the guard reads the
-per-example gradients *before* DP clipping and noise: the GNQ columns there describe the
-raw gradients, not what the noisy update releases.
+disclosure ledger are measured the same way everywhere. For DP-SGD rows they describe the
+update DP-SGD releases (clipped per-example gradients, the noise in the ridge; see
+:mod:`gradguard.dp`), as they describe the applied update for the GNQ rows.
 
 Each trained model is then attacked on members (the training set) against non-members
 (the holdout set): loss threshold, input-loss curvature threshold (low curvature = member)
@@ -1189,9 +1189,9 @@ def _notes(config: ComparisonConfig, split) -> list[str]:
         f"Canaries: {split.num_canaries} '{split.canary_kind}' canaries, half trained on. "
         "canary AUC = the largest attack AUC on member against holdout canaries; fit = share "
         "predicted with their planted label (members/holdout).",
-        "GNQ: GradGuard attached to every row (monitor for none and DP-SGD, where it reads the "
-        "per-example gradients before DP clipping and noise). max bound = largest per-example "
-        f"cumulative bound in nats. {BOUND_ASSUMPTIONS}",
+        "GNQ: GradGuard attached to every row (monitor for none and DP-SGD, where it measures "
+        "the released update: clipped gradients, noise in the ridge). max bound = largest "
+        f"per-example cumulative bound in nats. {BOUND_ASSUMPTIONS}",
     ]
 
 
