@@ -3,11 +3,12 @@
 Opacus's ``PrivacyEngine.make_private`` turns an MLP on scikit-learn's embedded 8×8
 digits into a DP-SGD run (Poisson sampling, per-example clipping, Gaussian noise);
 ``GradGuard(policy="monitor").make_guarded`` then wraps the triple Opacus returned. The
-guard reads the *raw* per-example gradients Opacus computed (before clipping and noise),
-so GNQ measures what each example would disclose through an unprotected update, while
-the update itself stays exactly the DP-SGD update (monitor never changes it). Prints the
-ε Opacus's accountant spent, the test accuracy and a GNQ summary; dataset indices and
-numbers only, never training examples.
+guard measures the update DP-SGD releases (per-example gradients clipped as Opacus clips
+them, the Gaussian noise in the ridge), keeps the raw GNQ (what an unprotected update would
+disclose) beside it, and accounts each example's individual ε; the update itself stays
+exactly the DP-SGD update (monitor never changes it). Prints the ε Opacus's accountant
+spent, the test accuracy and a GNQ summary; dataset indices and numbers only, never
+training examples.
 
 Run:  python examples/with_opacus.py [--epochs 15] [--noise 1.0] [--log-dir runs/with_opacus]
 """
@@ -58,7 +59,8 @@ def main() -> None:
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=args.noise,
         max_grad_norm=args.max_grad_norm, grad_sample_mode="hooks",
         noise_generator=torch.Generator().manual_seed(args.seed + 1))
-    guard = gradguard.GradGuard(policy="monitor", log_dir=args.log_dir, log_every=5)
+    guard = gradguard.GradGuard(policy="monitor", log_dir=args.log_dir, log_every=5,
+                                delta=DELTA)
     model, optimizer, loader = guard.make_guarded(module=model, optimizer=optimizer,
                                                   data_loader=loader)
 
@@ -85,13 +87,16 @@ def main() -> None:
     mean_gnq = (ledger.cum_gnq[seen] / ledger.steps_seen[seen]).to(torch.float64)
     q = torch.quantile(mean_gnq, torch.tensor([0.5, 0.95], dtype=torch.float64))
     summary = guard.summary()
-    print(f"\nGNQ of the raw per-example gradients (before DP clipping and noise), "
+    print(f"\nGNQ of the released DP-SGD update (clipped gradients, noise in the ridge), "
           f"{guard.step} steps, {int(seen.sum())} of {len(split.train)} examples seen:")
     print(f"  per-example mean GNQ: median {q[0]:.4g}, p95 {q[1]:.4g}; "
-          f"largest single-step GNQ {summary['max_gnq']:.4g}")
+          f"largest single-step GNQ {summary['max_gnq']:.4g} (raw, what an unprotected "
+          f"update would disclose: {summary['max_gnq_raw']:.4g})")
     print(f"  cumulative bound: max {summary['max_bound']:.4g} nats, mean "
-          f"{summary['mean_bound']:.4g} nats (what an unprotected update would carry; the "
-          f"DP-SGD update is bounded by ε instead)")
+          f"{summary['mean_bound']:.4g} nats")
+    print(f"  individual ε at δ = {DELTA:g}: max {summary['eps_max']:.4g}, mean "
+          f"{summary['eps_mean']:.4g}; the run's ε by the same RDP accounting "
+          f"{summary['eps_run_rdp']:.4g} (Opacus's PRV accountant above is tighter)")
     print("  top-5 examples by bound (dataset index, steps, max GNQ, nats): " + "; ".join(
         f"{r['index']}, {r['steps_seen']}, {r['max_gnq']:.3g}, {r['cum_bound']:.3g}"
         for r in ledger.top(5)))

@@ -54,6 +54,7 @@ class GuardConfig:
     distributed: bool | None = None
     distributed_gnq: str = "local"
     save_every: int | None = None
+    delta: float = 1e-5
 
     def __post_init__(self):
         check_choice("policy", self.policy, POLICIES)
@@ -90,3 +91,4 @@ class GuardConfig:
             check_int("save_every", self.save_every, minimum=1)
             if self.log_dir is None:
                 raise ValueError("save_every= writes the run directory: pass log_dir= too")
+        set_(self, "delta", check_real("delta", self.delta, open_unit=True))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import warnings
 import weakref
@@ -104,6 +105,15 @@ class GradGuard:
         save_every: write ``gradguard_state.pt`` and ``summary.json`` into ``log_dir``
             every this many steps (atomically), so a killed run resumes from its last
             complete state (see :meth:`resume`).
+        delta: δ of the individual ε recorded under DP-SGD (``ledger.eps``); use the δ
+            the run's own ε is stated at.
+
+    Under Opacus (``make_guarded`` given a ``DPOptimizer``) GNQ, the ledger and the policy
+    describe the *released* update: per-example gradients clipped as Opacus clips them,
+    with the Gaussian noise in the ridge (λ + σ²C²); see :mod:`gradguard.dp`. Without
+    Opacus, under ``clip``/``drop`` the ledger records the GNQ of the update actually
+    applied (the effective GNQ after the policy's weights). Either way ``cum_gnq_raw`` /
+    ``max_gnq_raw`` keep what an unprotected update would have disclosed.
 
     What a dropped example's influence is: none. When some weight is not 1 the guarded
     gradients are rebuilt from the captured per-example gradients as Σ_j w_j g_j / B, so
@@ -151,14 +161,14 @@ class GradGuard:
                  gram_dtype: torch.dtype | None = None, top_k: int = 10,
                  num_examples: int | None = None, distributed: bool | None = None,
                  distributed_gnq: str = "local", process_group=None,
-                 save_every: int | None = None):
+                 save_every: int | None = None, delta: float = 1e-5):
         rule = make_policy(policy, threshold=threshold, budget=budget)
         self.config = GuardConfig(
             policy=rule.name, lam=lam, relative_lam=relative_lam, threshold=rule.threshold,
             budget=rule.budget, log_dir=log_dir, log_every=log_every,
             on_nonfinite=on_nonfinite, strategy=strategy, gram_dtype=gram_dtype, top_k=top_k,
             num_examples=num_examples, distributed=distributed,
-            distributed_gnq=distributed_gnq, save_every=save_every)
+            distributed_gnq=distributed_gnq, save_every=save_every, delta=delta)
         #: The policy object: decides each step's weights and owns its state.
         self.rule: Policy = rule
         c = self.config
@@ -170,6 +180,7 @@ class GradGuard:
             c.gram_dtype
         self.top_k, self.num_examples = c.top_k, c.num_examples
         self.distributed, self.distributed_gnq = c.distributed, c.distributed_gnq
+        self.delta = c.delta
         self.curvature = curvature
         self.process_group = process_group
 
@@ -187,6 +198,8 @@ class GradGuard:
         self.last_weights: torch.Tensor | None = None
         self.last_indices: torch.Tensor | None = None
         self.last_lam: float | torch.Tensor = self.lam
+        self.last_gnq_raw: torch.Tensor | None = None  # before DP clipping, noise, policy
+        self._accountant = None  # gradguard.dp.IndividualAccountant under DP-SGD
         self.guard_seconds = 0.0
         self.probe_seconds = 0.0
         self._manual_indices: torch.Tensor | None = None
@@ -300,6 +313,8 @@ class GradGuard:
         self._dist = resolve_sync(module=module, optimizer=optimizer, enabled=self.distributed,
                                   gnq_mode=self.distributed_gnq, group=self.process_group,
                                   device=device)
+        if dp:
+            self._start_dp_accounting(optimizer, data_loader, expected, device)
         self._open_sink()
         self._run_probe()  # the step-0 baseline, before any update
         return module, self.optimizer, (self.loader if self.loader is not None else data_loader)
@@ -358,7 +373,8 @@ class GradGuard:
                     else f"absolute: λ = {self.lam:g}")
         self.sink.log_text("config", f"policy={self.policy}; {lam_text}; threshold="
                            f"{self.threshold}; budget={self.budget}; "
-                           f"loss_reduction={self.loss_reduction}. {BOUND_ASSUMPTIONS}", 0)
+                           f"loss_reduction={self.loss_reduction}. {BOUND_ASSUMPTIONS}"
+                           + self._dp_note(), 0)
 
     @staticmethod
     def _check_opacus(optimizer, loss_reduction: str) -> None:
@@ -366,11 +382,6 @@ class GradGuard:
             raise ValueError(
                 f"loss_reduction={loss_reduction!r} contradicts the Opacus optimizer's "
                 f"loss_reduction={optimizer.loss_reduction!r}; pass the same value to both.")
-        if not hasattr(type(optimizer), "grad_samples") or type(optimizer).__name__.endswith(
-                "FastGradientClipping"):
-            raise ValueError(
-                "gradguard reads Opacus's per-example gradients (grad_sample), which ghost "
-                "clipping never materialises. Use make_private(..., grad_sample_mode='hooks').")
 
     @staticmethod
     def _expected_batch_size(optimizer, data_loader) -> tuple[int | None, bool]:
@@ -434,7 +445,7 @@ class GradGuard:
                 else rows @ rows.T
         K = self.source.gram()
         if self._dist is not None and isinstance(self.source, OpacusGramSource):
-            self._dist.keep_rows(self.source.rows()[0])
+            self._dist.keep_rows(self.source.released_rows())
         return K
 
     def _check_accumulation(self, optimizer: GuardedOptimizer) -> None:
@@ -555,6 +566,16 @@ class GradGuard:
             # plain accumulated .grad holds.)
             K = K * float(self.accumulation_steps) ** 2
         lam, lam_logged = _ridge(K, self.lam, relative=self.relative_lam)
+        gnq_raw = None
+        if isinstance(self.source, OpacusGramSource):
+            # What is released: the clipped rows, with the Gaussian noise in the ridge.
+            gnq_raw = gnq_from_gram(self.source.raw_gram,
+                                    _ridge(self.source.raw_gram, self.lam,
+                                           relative=self.relative_lam)[0])
+            if self._dist is not None:
+                gnq_raw = self._dist.share_rows(gnq_raw, own)
+            lam = lam + self.source.noise_ridge()
+            lam_logged = lam_logged + self.source.noise_ridge()
         gnq = gnq_from_gram(K, lam)
         if self._dist is not None:
             gnq = self._dist.share_rows(gnq, rows)
@@ -562,6 +583,9 @@ class GradGuard:
         decision = self.rule.decide(K=K, gnq=gnq, lam=lam, indices=indices, ledger=self.ledger,
                                     rows=rows)
         weights, effective = decision.weights, decision.effective
+        if isinstance(self.source, OpacusGramSource) and self.rule.acts:
+            # Exactly what Opacus releases once it clips the reweighted rows.
+            effective = self.source.effective_gnq(weights, lam)
         if self._dist is not None:
             weights = self._dist.share_rows(weights, rows)
             effective = self._dist.share_rows(effective, rows)
@@ -580,11 +604,13 @@ class GradGuard:
             self.ledger.censor(indices, where=decision.censor)
         self.rule.commit(decision, gnq, weights)
         self.step += 1
-        self.ledger.update(indices, effective, self.step)
+        self.ledger.update(indices, effective, self.step, gnq_raw=gnq_raw)
+        self._account(indices, weights, own)
         if self.budget is not None and self.rule.acts:
             # A hard cap: an example whose bound reached the budget is censored.
             self.ledger.censor(indices, where=self.ledger.bound(indices) >= self.budget)
         self.last_gnq, self.last_weights, self.last_indices = gnq, weights, indices
+        self.last_gnq_raw = gnq if gnq_raw is None else gnq_raw
         self.last_lam = lam_logged
         if self.sink is not None and self.step % self.log_every == 0:
             self._log_step()
@@ -610,6 +636,7 @@ class GradGuard:
         if self.rule.acts:
             self._apply(optimizer, torch.zeros(0, dtype=torch.float64, device=device))
         self.step += 1
+        self._account(torch.zeros(0, dtype=torch.long, device=device), None)
         return True
 
     def _apply(self, optimizer: GuardedOptimizer, weights: torch.Tensor) -> bool:
@@ -649,15 +676,59 @@ class GradGuard:
             return True
         return not weights.shape[0] or bool((weights != 0).any())
 
+    def _dp_note(self) -> str:
+        if not isinstance(self.source, OpacusGramSource):
+            return ""
+        from .dp import INDIVIDUAL_EPS_NOTE, RELEASED_GNQ_NOTE
+
+        return f" {RELEASED_GNQ_NOTE} {INDIVIDUAL_EPS_NOTE} δ={self.delta:g}."
+
+    def _start_dp_accounting(self, optimizer, data_loader, expected, device) -> None:
+        """Individual ε under DP-SGD (see :mod:`gradguard.dp`)."""
+        from .dp import start_individual_accounting
+
+        if self._dist is not None and self.rule.acts:
+            raise NotImplementedError(
+                "policies under Opacus with distributed training: the released GNQ of a "
+                "reweighted, re-clipped batch is computed per rank only. Use "
+                "policy='monitor', or a single process.")
+        self._accountant = start_individual_accounting(
+            self.source.release, num_examples=self.num_examples, data_loader=data_loader,
+            expected_batch_size=expected, device=device)
+        if float(optimizer.noise_multiplier) == 0:
+            self.ledger.eps.fill_(math.inf)  # the clipped sum in the clear: no guarantee
+
+    def _account(self, indices: torch.Tensor, weights: torch.Tensor | None,
+                 own: slice = slice(None)) -> None:
+        """Individual ε under DP-SGD: this step's released norms into the accountant."""
+        if self._accountant is None:
+            return
+        ratios = None
+        if indices.numel():
+            ratios = self.source.release.released_ratios(
+                None if weights is None else weights[own])
+            if self._dist is not None:  # every rank accounts the global batch alike
+                ratios = self._dist.share_rows(ratios, own)
+        self._accountant.step(indices, ratios)
+        self.ledger.set_epsilon(self._accountant.epsilon(self.delta))
+
     def _log_step(self) -> None:
         stats = {"dropped_total": self.rule.dropped_total,
                  "clipped_total": self.rule.clipped_total}
         weights = None if self.policy == "monitor" else self.last_weights
         self.sink.log_step(self.step, gnq=self.last_gnq, weights=weights, ledger=self.ledger,
                            lam=self.last_lam, policy_stats=stats)
+        from .dp import dp_scalars
+
         scalars = {"time/guard_seconds": self.guard_seconds}
         if self.rule.acts:
             scalars["policy/realised_rate"] = self.rule.last_rate
+        if isinstance(self.source, OpacusGramSource):
+            accountant = self._accountant
+            scalars.update(dp_scalars(
+                gnq_raw=self.last_gnq_raw,
+                eps=self.ledger.eps if accountant is not None else None,
+                eps_run=accountant.run_epsilon(self.delta) if accountant is not None else None))
         self.sink.log_scalars(scalars, self.step)
         self.sink.log_top_table(self.step, self.ledger)
 
@@ -693,6 +764,8 @@ class GradGuard:
         }
         if self.curvature is not None and hasattr(self.curvature, "state_dict"):
             state["curvature"] = self.curvature.state_dict()
+        if self._accountant is not None:
+            state["individual_rdp"] = self._accountant.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -729,13 +802,20 @@ class GradGuard:
         scratch = DisclosureLedger(self.ledger.num_examples, device=self.ledger.device)
         scratch.load_state_dict(state["ledger"])
         for name, t in state["ledger"].items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            # ε = +∞ is a value (no DP guarantee accounted); nothing else may be non-finite.
+            bad = torch.isnan(t) | (t < 0) if name == "eps" else ~torch.isfinite(t)
+            if t.is_floating_point() and bool(bad.any()):
                 raise ValueError(f"state ledger field {name!r} holds NaN/Inf")
         # ---- apply: the probe first (it validates its own state and may refuse it),
         # then what was validated above, which cannot fail.
+        rdp = state.get("individual_rdp")
+        if rdp is not None and self._accountant is not None:
+            self._accountant.check_state_dict(rdp)
         curvature = state.get("curvature")
         if curvature is not None and self.curvature is not None:
             self.curvature.load_state_dict(curvature)
+        if rdp is not None and self._accountant is not None:
+            self._accountant.load_state_dict(rdp)
         self.step = counts["step"]
         self.skipped_nonfinite = counts["skipped_nonfinite"]
         self.rule.load_state_dict(state, device=self.ledger.device)
@@ -801,6 +881,8 @@ class GradGuard:
                  clipped_total=float(self.rule.clipped_total),
                  realised_rate=self.rule.realised_rate,
                  guard_seconds=self.guard_seconds, probe_seconds=self.probe_seconds)
+        if self._accountant is not None:
+            s["eps_run_rdp"] = self._accountant.run_epsilon(self.delta)
         return s
 
     def hparams(self) -> dict[str, Any]:

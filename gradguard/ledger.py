@@ -50,7 +50,13 @@ _FIELDS: dict[str, tuple[torch.dtype, Any]] = {
     "last_step": (torch.int64, -1),
     "curv_sum": (torch.float64, 0.0),
     "curv_count": (torch.int64, 0),
+    # Added after format version 1 was first written: absent from older states, which load
+    # with these defaults.
+    "cum_gnq_raw": (torch.float64, 0.0),
+    "max_gnq_raw": (torch.float64, 0.0),
+    "eps": (torch.float64, math.inf),  # ∞: no DP guarantee accounted
 }
+_OPTIONAL_FIELDS = ("cum_gnq_raw", "max_gnq_raw", "eps")
 
 _TOP_KEYS = ("cum_bound", "max_gnq", "cum_gnq", "curvature")
 
@@ -75,6 +81,13 @@ class DisclosureLedger:
         last_step: ``int64``, last step example ``i`` was seen at, −1 if never.
         curv_sum: ``float64``, sum of the input-loss curvature scores recorded for ``i``.
         curv_count: ``int64``, number of curvature scores recorded for ``i``.
+        cum_gnq_raw: ``float64``, Σ_t of the *raw* GNQ: what an unprotected update would
+            disclose (per-example gradients before DP-SGD's clipping and noise and before
+            gradguard's policy). Equal to ``cum_gnq`` for an unconstrained ``monitor`` run.
+        max_gnq_raw: ``float64``, max_t of the raw GNQ.
+        eps: ``float64``, example ``i``'s individual ε at the run's δ under DP-SGD
+            (:class:`gradguard.dp.IndividualAccountant`: an upper bound, never above the run's
+            ε); ∞ where no DP guarantee is accounted (training without DP-SGD, or σ = 0).
 
     Args:
         num_examples: size of the training dataset. When given, the ledger is preallocated
@@ -103,6 +116,9 @@ class DisclosureLedger:
     last_step: torch.Tensor
     curv_sum: torch.Tensor
     curv_count: torch.Tensor
+    cum_gnq_raw: torch.Tensor
+    max_gnq_raw: torch.Tensor
+    eps: torch.Tensor
 
     def __init__(self, num_examples: int | None = None, *,
                  device: torch.device | str | None = None) -> None:
@@ -218,7 +234,8 @@ class DisclosureLedger:
 
     # ------------------------------------------------------------------ updates
     @torch.no_grad()
-    def update(self, indices: torch.Tensor, gnq: torch.Tensor, step: int | torch.Tensor) -> None:
+    def update(self, indices: torch.Tensor, gnq: torch.Tensor, step: int | torch.Tensor, *,
+               gnq_raw: torch.Tensor | None = None) -> None:
         """Record one step's GNQ for the examples of a batch.
 
         For each example: ``steps_seen += 1``, ``cum_gnq += gnq``, ``max_gnq = max(...)``,
@@ -231,6 +248,8 @@ class DisclosureLedger:
             indices: ``[B]`` integer dataset indices.
             gnq: ``[B]`` GNQ values (any real dtype; accumulated in float64).
             step: the global step number (an int, or a 0-d integer tensor to avoid a sync).
+            gnq_raw: ``[B]`` raw GNQ (before DP clipping/noise and policy) for
+                ``cum_gnq_raw``/``max_gnq_raw``; default: ``gnq``.
 
         Raises:
             TypeError: ``indices`` is not an integer tensor.
@@ -239,16 +258,29 @@ class DisclosureLedger:
         idx = self._prepare_indices(indices)
         B = idx.shape[0]
         values = self._prepare_values(gnq, B, "gnq")
+        raw = values if gnq_raw is None else self._prepare_values(gnq_raw, B, "gnq_raw")
         if B == 0:
             return
         self.steps_seen.index_add_(0, idx, torch.ones_like(idx))
         self.cum_gnq.index_add_(0, idx, values)
         self.max_gnq.scatter_reduce_(0, idx, values, reduce="amax", include_self=True)
         self.cum_bound.index_add_(0, idx, disclosure_bound(values))
+        self.cum_gnq_raw.index_add_(0, idx, raw)
+        self.max_gnq_raw.scatter_reduce_(0, idx, raw, reduce="amax", include_self=True)
         # Every occurrence writes the same value, so duplicates cannot race.
         if isinstance(step, torch.Tensor):
             step = step.to(device=self._device, dtype=torch.int64)
         self.last_step.index_fill_(0, idx, step)
+
+    @torch.no_grad()
+    def set_epsilon(self, eps: torch.Tensor) -> None:
+        """Record every example's individual ε (``[N]``, entry i for dataset index i)."""
+        n = eps.shape[0]
+        if n > self.capacity:
+            if self._fixed:
+                raise ValueError(f"got ε for {n} examples, the ledger holds {self.capacity}")
+            self._grow_to(n)
+        self.eps[:n] = eps.to(device=self._device, dtype=torch.float64)
 
     @torch.no_grad()
     def censor(self, indices: torch.Tensor, *, where: torch.Tensor | None = None) -> None:
@@ -322,7 +354,9 @@ class DisclosureLedger:
         Returns:
             ``examples_seen`` (int64), ``max_bound`` and ``mean_bound`` (float64 nats, over
             examples seen at least once; 0 when none), ``censored_total`` (int64) and
-            ``max_gnq`` (float64, 0 when none).
+            ``max_gnq`` (float64, 0 when none), ``max_gnq_raw`` (likewise, before DP
+            clipping/noise and policy), ``eps_max``/``eps_mean`` (individual ε; ∞ without
+            DP-SGD accounting).
         """
         seen = self.steps_seen > 0
         n_seen = seen.sum()
@@ -333,6 +367,8 @@ class DisclosureLedger:
         else:
             max_bound = torch.where(seen, self.cum_bound, neg_inf).amax()
             max_gnq = torch.where(seen, self.max_gnq, neg_inf).amax()
+        max_raw = torch.where(seen, self.max_gnq_raw, zero).amax() if self.capacity else zero
+        inf = torch.full((), math.inf, dtype=torch.float64, device=self._device)
         any_seen = n_seen > 0
         return {
             "examples_seen": n_seen,
@@ -340,6 +376,9 @@ class DisclosureLedger:
             "mean_bound": torch.where(seen, self.cum_bound, zero).sum() / n_seen.clamp(min=1),
             "censored_total": self.censored.sum(),
             "max_gnq": torch.where(any_seen, max_gnq, zero),
+            "max_gnq_raw": max_raw,
+            "eps_max": self.eps.amax() if self.capacity else inf,
+            "eps_mean": self.eps.mean() if self.capacity else inf,
         }
 
     def _rows(self, positions: torch.Tensor) -> list[dict[str, Any]]:
@@ -432,7 +471,7 @@ class DisclosureLedger:
                 f"{type(state_dict).__name__}"
             )
         expected = set(_FIELDS) | {"format_version"}
-        missing = sorted(expected - set(state_dict))
+        missing = sorted(expected - set(state_dict) - set(_OPTIONAL_FIELDS))
         unexpected = sorted(set(state_dict) - expected)
         if missing or unexpected:
             raise ValueError(
@@ -451,6 +490,9 @@ class DisclosureLedger:
                 f"gradguard reads version {_FORMAT_VERSION}"
             )
         n = state_dict["steps_seen"].shape[0] if state_dict["steps_seen"].dim() == 1 else -1
+        state_dict = {**{name: torch.full((max(n, 0),), fill, dtype=dtype)
+                         for name, (dtype, fill) in _FIELDS.items()
+                         if name in _OPTIONAL_FIELDS}, **state_dict}
         for name, (dtype, _) in _FIELDS.items():
             t = state_dict[name]
             if t.dtype != dtype:
@@ -497,11 +539,15 @@ class DisclosureLedger:
         def theirs(name: str) -> torch.Tensor:
             return getattr(other, name).to(self._device)
 
-        for name in ("steps_seen", "cum_gnq", "cum_bound", "curv_sum", "curv_count"):
+        for name in ("steps_seen", "cum_gnq", "cum_bound", "curv_sum", "curv_count",
+                     "cum_gnq_raw"):
             getattr(self, name)[:n] += theirs(name)
-        for name in ("max_gnq", "last_step"):
+        for name in ("max_gnq", "last_step", "max_gnq_raw"):
             mine = getattr(self, name)[:n]
             mine.copy_(torch.maximum(mine, theirs(name)))
+        # ε is not additive over batch streams: the larger (conservative) one wins, and a
+        # stream without DP accounting (∞) leaves no guarantee.
+        self.eps[:n] = torch.maximum(self.eps[:n], theirs("eps"))
         self.censored[:n] |= theirs("censored")
         return self
 

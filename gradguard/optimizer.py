@@ -3,9 +3,9 @@
 Before each real step it hands the step to its step observer (a
 :class:`~gradguard.engine.GradGuard`), which measures GNQ, applies the policy to the
 gradients and updates the ledger; then the wrapped optimizer steps. Wrapping Opacus's
-``DPOptimizer`` (hooks mode), the guard reads the raw per-example gradients before DP
-clipping and noise. The observer protocol (:class:`StepObserver`) is public, as Opacus's
-``attach_step_hook`` / ``pre_step`` are.
+``DPOptimizer``, the guard measures the update DP-SGD releases (clipped per-example
+gradients, noise in the ridge; see :mod:`gradguard.dp`). The observer protocol
+(:class:`StepObserver`) is public, as Opacus's ``attach_step_hook`` / ``pre_step`` are.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ Two exist, picked once by :func:`gram_source_for` (as Opacus picks its optimizer
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from typing import Protocol
 
@@ -146,43 +145,52 @@ class HookGramSource:
 
 
 class OpacusGramSource:
-    """Opacus's per-example gradients (``p.grad_sample``) under a ``DPOptimizer``.
+    """What Opacus's ``DPOptimizer`` releases, from its per-example gradients.
 
-    Weights scale ``grad_sample`` before Opacus clips, noises and averages it.
+    :meth:`gram` is the Gram of the released rows (clipped as Opacus clips them; the
+    noise enters as ridge, :meth:`noise_ridge`), :attr:`raw_gram` that of the unclipped
+    ones. Weights scale ``grad_sample`` before Opacus clips, noises and averages it. The
+    math is :class:`gradguard.dp.OpacusRelease`'s.
     """
 
     name = "opacus"
     gram_dtype = torch.float64
 
-    def __init__(self, dp_optimizer, *, policy_acts: bool):
+    def __init__(self, dp_optimizer, *, policy_acts: bool, module: nn.Module | None = None):
+        from .dp import OpacusRelease
+
         self.optimizer = dp_optimizer
         self.policy_acts = policy_acts
+        self.release = OpacusRelease(dp_optimizer, module=module)
         self._stash: list[torch.Tensor] = []
         self._rows: torch.Tensor | None = None
+        self.raw_gram: torch.Tensor | None = None
 
     def guarded_params(self) -> list[nn.Parameter]:
         return list(self.optimizer.params)
 
-    def _current_rows(self) -> torch.Tensor:
-        rows = []
-        for p in self.optimizer.params:
-            gs = p.grad_sample
-            if isinstance(gs, list):  # opacus keeps a list when a module ran twice
-                gs = torch.stack(gs).sum(0)
-            if gs is not None:
-                # explicit width: reshape(0, -1) is ambiguous for an empty (Poisson) batch
-                rows.append(gs.reshape(gs.shape[0], math.prod(gs.shape[1:])).to(torch.float64))
-        return torch.cat(rows, 1) if rows else torch.zeros(0, 0, dtype=torch.float64)
-
     def rows(self):
+        """The logical batch's raw per-example gradients ``[B, P]`` (no spans)."""
         if self._rows is None:
-            self._rows = torch.cat([*self._stash, self._current_rows()])
+            self._rows = torch.cat([*self._stash, self.release.rows()])
             self._stash.clear()
         return self._rows, None
 
+    def released_rows(self) -> torch.Tensor:
+        """The rows Opacus releases (clipped), ``[B, P]``."""
+        return self.release.released_rows(self.rows()[0])
+
     def gram(self) -> torch.Tensor:
-        G, _ = self.rows()
-        return G @ G.T
+        self.raw_gram, released = self.release.measure(self.rows()[0])
+        return released
+
+    def noise_ridge(self) -> float:
+        """(σ·C)²: what the Gaussian noise adds to λ, in the sum-of-losses scale."""
+        return self.release.noise_ridge()
+
+    def effective_gnq(self, weights: torch.Tensor, ridge) -> torch.Tensor:
+        """GNQ of the update released with ``weights`` (re-clipped by Opacus)."""
+        return self.release.effective_gnq(weights, ridge)
 
     def micro_step(self) -> None:
         if self.policy_acts:
@@ -191,16 +199,10 @@ class OpacusGramSource:
                 "BatchMemoryManager the logical batch's GNQ is known only after its last "
                 "micro-batch, when earlier ones are already clipped. Use policy='monitor' "
                 "with BatchMemoryManager, or physical batch = logical batch.")
-        self._stash.append(self._current_rows())
+        self._stash.append(self.release.rows())
 
     def apply(self, weights: torch.Tensor, *, denom: float) -> None:
-        for p in self.optimizer.params:
-            gs = p.grad_sample
-            if isinstance(gs, list):
-                raise NotImplementedError("policies with a module used twice under Opacus")
-            if gs is not None:
-                w = weights.to(device=gs.device, dtype=gs.dtype)
-                p.grad_sample = gs * w.view(-1, *([1] * (gs.dim() - 1)))
+        self.release.apply_weights(weights)  # released rows: w_j·(clipped g_j)
 
     def clear(self) -> None:
         self._stash.clear()
@@ -216,5 +218,5 @@ class OpacusGramSource:
 def gram_source_for(module: nn.Module, optimizer, *, policy_acts: bool, **hook_kwargs):
     """The Gram source for this model and optimizer (Opacus's when it is a DPOptimizer)."""
     if is_dp_optimizer(optimizer):
-        return OpacusGramSource(optimizer, policy_acts=policy_acts)
+        return OpacusGramSource(optimizer, policy_acts=policy_acts, module=module)
     return HookGramSource(module, **hook_kwargs)

@@ -303,9 +303,15 @@ def test_nothing_written_holds_example_contents(tiny_run):
     _, _, out, _ = tiny_run
     scores = np.load(out / "scores.npz")
     assert all(scores[k].ndim == 1 for k in scores.files)
+    from opacus.accountants import RDPAccountant
+
     for state_path in (out / "tb").glob("*/gradguard_state.pt"):
         state = torch.load(state_path, weights_only=True)
-
+        # DP-SGD rows: each example's Rényi DP at each of Opacus's orders (individual ε).
+        rdp = state.pop("individual_rdp", {}).pop("rdp", None)
+        if rdp is not None:
+            assert rdp.shape == (state["ledger"]["steps_seen"].numel(),
+                                 len(RDPAccountant.DEFAULT_ALPHAS))
         stack = [state]
         while stack:
             value = stack.pop()

@@ -411,3 +411,56 @@ def test_to_device_keeps_values():
     assert moved is ledger and ledger.device == torch.device("cpu")
     after = ledger.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_raw_gnq_and_eps_fields():
+    """Raw GNQ sums/maxima beside the recorded GNQ; ε defaults to ∞ (nothing accounted)."""
+    ref_raw: dict[int, list[float]] = {}
+    ledger = DisclosureLedger(40)
+    for idx, gnq, step in random_batches(3, 20, 40):
+        raw = gnq * 2.5 + 1.0
+        ledger.update(idx, gnq, step, gnq_raw=raw)
+        for i, r in zip(idx.tolist(), raw.tolist(), strict=True):
+            ref_raw.setdefault(i, []).append(r)
+    for i in range(40):
+        vals = ref_raw.get(i, [])
+        assert ledger.cum_gnq_raw[i].item() == pytest.approx(sum(vals), rel=1e-12)
+        assert ledger.max_gnq_raw[i].item() == max(vals, default=0.0)
+    assert torch.isinf(ledger.eps).all() and float(ledger.summary()["eps_max"]) == math.inf
+    default = DisclosureLedger(3)
+    default.update(torch.tensor([0, 2]), torch.tensor([1.0, 4.0]), step=0)  # raw = gnq
+    assert default.cum_gnq_raw.tolist() == [1.0, 0.0, 4.0]
+    eps = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    default.set_epsilon(eps)
+    s = default.summary()
+    assert float(s["eps_max"]) == 2.0 and float(s["eps_mean"]) == pytest.approx(7 / 6)
+    assert float(s["max_gnq_raw"]) == 4.0
+
+
+def test_state_without_the_newer_fields_loads_with_defaults():
+    ledger, _ = fill(12)
+    ledger.set_epsilon(torch.full((50,), 3.0, dtype=torch.float64))
+    old = {k: v for k, v in ledger.state_dict().items()
+           if k not in ("cum_gnq_raw", "max_gnq_raw", "eps")}
+    fresh = DisclosureLedger(50)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.cum_gnq, ledger.cum_gnq)
+    assert not fresh.cum_gnq_raw.any() and not fresh.max_gnq_raw.any()
+    assert torch.isinf(fresh.eps).all()
+    full = DisclosureLedger(50)
+    full.load_state_dict(ledger.state_dict())
+    assert torch.equal(full.eps, ledger.eps) and torch.equal(full.cum_gnq_raw, ledger.cum_gnq_raw)
+
+
+def test_merge_raw_fields_and_eps():
+    a, b = DisclosureLedger(4), DisclosureLedger(4)
+    a.update(torch.tensor([0, 1]), torch.tensor([1.0, 1.0]), 0, gnq_raw=torch.tensor([3.0, 5.0]))
+    b.update(torch.tensor([1, 2]), torch.tensor([1.0, 1.0]), 1, gnq_raw=torch.tensor([7.0, 2.0]))
+    a.set_epsilon(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    b.set_epsilon(torch.tensor([2.0, 1.0, 3.0, 0.5], dtype=torch.float64))
+    a.merge_(b)
+    assert a.cum_gnq_raw.tolist() == [3.0, 12.0, 2.0, 0.0]
+    assert a.max_gnq_raw.tolist() == [3.0, 7.0, 2.0, 0.0]
+    assert a.eps.tolist() == [2.0, 2.0, 3.0, 4.0]  # the conservative one
+    a.merge_(DisclosureLedger(4))  # a stream without DP accounting: no guarantee
+    assert torch.isinf(a.eps).all()

@@ -311,8 +311,9 @@ def raw_grads(grad_sample_module, x, y):
 def test_opacus_monitor_equals_plain_opacus(bmm):
     """noise_multiplier=1 with seeded noise and Poisson generators: bit-identical runs.
 
-    GNQ is that of the raw per-example gradients (before DP clipping and noise) of the
-    *logical* batch, and the ledger counts exactly the examples of each logical batch.
+    GNQ is that of the released update of the *logical* batch (per-example gradients
+    clipped to C = 1, noise σ²C² = 1 in the ridge); the raw GNQ (before clipping and noise)
+    is kept beside it; the ledger counts exactly the examples of each logical batch.
     """
     ds = make_data(n=30)
 
@@ -345,7 +346,12 @@ def test_opacus_monitor_equals_plain_opacus(bmm):
                         ids = torch.cat([c[2] for c in current])
                         G = raw_grads(model, xs, ys) if len(xs) else None
                         logical_idx.append(ids)
-                        logical_gnq.append(gnq_from_grads(G, LAM) if G is not None else None)
+                        if G is None:
+                            logical_gnq.append(None)
+                        else:
+                            clip = (1.0 / (G.norm(dim=1) + 1e-6)).clamp(max=1.0)
+                            logical_gnq.append((gnq_from_grads(clip[:, None] * G, LAM + 1.0),
+                                                gnq_from_grads(G, LAM)))
                         counts.index_add_(0, ids, torch.ones_like(ids))
                         current = []
                     opt.step()
@@ -353,9 +359,12 @@ def test_opacus_monitor_equals_plain_opacus(bmm):
                         assert torch.equal(guard.last_indices, logical_idx[-1]) or (
                             len(logical_idx[-1]) == 0)
                         if logical_gnq[-1] is not None:
-                            torch.testing.assert_close(guard.last_gnq, logical_gnq[-1],
+                            released, raw = logical_gnq[-1]
+                            torch.testing.assert_close(guard.last_gnq, released,
                                                        rtol=1e-9, atol=0)
-                            checked.append(len(logical_gnq[-1]))
+                            torch.testing.assert_close(guard.last_gnq_raw, raw,
+                                                       rtol=1e-9, atol=0)
+                            checked.append(len(raw))
         if guard is not None:
             assert torch.equal(guard.ledger.steps_seen, counts)
             # Every non-empty logical batch was compared, some spanning several micro-batches.

@@ -15,9 +15,9 @@ order (a seeded ``torch.Generator``). The rows differ only in the defence:
 
 A GradGuard is attached to every row (``policy="monitor"`` for ``none`` and ``dp-sgd``,
 composed after Opacus' ``make_private_with_epsilon`` in hooks mode), so GNQ and the
-disclosure ledger are measured the same way everywhere. For DP-SGD rows the guard reads the
-per-example gradients *before* DP clipping and noise: the GNQ columns there describe the
-raw gradients, not what the noisy update releases.
+disclosure ledger are measured the same way everywhere. For DP-SGD rows they describe the
+update DP-SGD releases (clipped per-example gradients, the noise in the ridge; see
+:mod:`gradguard.dp`), as they describe the applied update for the GNQ rows.
 
 Each trained model is then attacked on members (the training set) against non-members
 (the holdout set): loss threshold, input-loss curvature threshold (low curvature = member)
@@ -315,7 +315,7 @@ def parse_policy_spec(spec: str) -> dict[str, Any]:
     Comma-separated ``key=value`` pairs:
 
     - ``q=Q``: threshold τ = the Q-quantile (0 < Q < 1) of the run's recent GNQ values
-      (``window=W`` steps, default 50);
+      (``window=W`` steps, default 1: this step alone);
     - ``tau=T``: absolute GNQ threshold T > 0;
     - ``budget=B``: cumulative disclosure budget of B > 0 nats per example;
     - ``budget=pP``: budget = the P-th percentile (0 < P <= 100) of the undefended run's
@@ -362,7 +362,7 @@ def parse_policy_spec(spec: str) -> dict[str, Any]:
         q = _spec_float(fields["q"], "q", spec)
         if not 0 < q < 1:
             raise ValueError(f"q must be in (0, 1) (a quantile), got {q} in {spec!r}")
-        window = 50
+        window = 1  # the per-step quantile, as Quantile(q)
         if "window" in fields:
             try:
                 window = int(fields["window"])
@@ -1189,9 +1189,9 @@ def _notes(config: ComparisonConfig, split) -> list[str]:
         f"Canaries: {split.num_canaries} '{split.canary_kind}' canaries, half trained on. "
         "canary AUC = the largest attack AUC on member against holdout canaries; fit = share "
         "predicted with their planted label (members/holdout).",
-        "GNQ: GradGuard attached to every row (monitor for none and DP-SGD, where it reads the "
-        "per-example gradients before DP clipping and noise). max bound = largest per-example "
-        f"cumulative bound in nats. {BOUND_ASSUMPTIONS}",
+        "GNQ: GradGuard attached to every row (monitor for none and DP-SGD, where it measures "
+        "the released update: clipped gradients, noise in the ridge). max bound = largest "
+        f"per-example cumulative bound in nats. {BOUND_ASSUMPTIONS}",
     ]
 
 
