@@ -9,6 +9,8 @@ the update itself stays exactly the DP-SGD update (monitor never changes it). Pr
 ε Opacus's accountant spent, the test accuracy and a GNQ summary; dataset indices and
 numbers only, never training examples.
 
+Needs the extra ``experiments`` (scikit-learn's digits); from this checkout:
+    pip install -e ".[experiments]"
 Run:  python examples/with_opacus.py [--epochs 15] [--noise 1.0] [--log-dir runs/with_opacus]
 """
 
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader
 import gradguard
 from gradguard.experiments.data import load_dataset
 from gradguard.experiments.models import make_model
+from gradguard.formatting import format_number, format_run_summary
 from gradguard.ledger import BOUND_ASSUMPTIONS
 
 DELTA = 1e-5
@@ -87,16 +90,12 @@ def main() -> None:
     summary = guard.summary()
     print(f"\nGNQ of the raw per-example gradients (before DP clipping and noise), "
           f"{guard.step} steps, {int(seen.sum())} of {len(split.train)} examples seen:")
-    print(f"  per-example mean GNQ: median {q[0]:.4g}, p95 {q[1]:.4g}; "
-          f"largest single-step GNQ {summary['max_gnq']:.4g}")
-    print(f"  cumulative bound: max {summary['max_bound']:.4g} nats, mean "
-          f"{summary['mean_bound']:.4g} nats (what an unprotected update would carry; the "
-          f"DP-SGD update is bounded by ε instead)")
-    print("  top-5 examples by bound (dataset index, steps, max GNQ, nats): " + "; ".join(
-        f"{r['index']}, {r['steps_seen']}, {r['max_gnq']:.3g}, {r['cum_bound']:.3g}"
-        for r in ledger.top(5)))
+    print(f"  per-example mean GNQ: median {format_number(q[0])}, p95 {format_number(q[1])}")
+    print("  (the bounds below are what an unprotected update would carry; the DP-SGD update "
+          "is bounded by ε instead)")
+    print(format_run_summary(summary, log_dir=args.log_dir))
+    print(ledger.top(5))
     print(f"\n({BOUND_ASSUMPTIONS})")
-    print(f"\nTensorBoard:  tensorboard --logdir {args.log_dir}")
 
 
 if __name__ == "__main__":

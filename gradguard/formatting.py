@@ -64,9 +64,9 @@ def format_number(value: Any, *, digits: int = 3) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return MISSING
-        if abs(value) < 1e6 and (value == int(value) or abs(value) >= 10 ** digits):
+        if abs(value) < 1e6 and (value == int(value) or abs(value) >= 10 ** digits - 0.5):
             return f"{value:.0f}"  # whole numbers and 1000 ≤ |x| < 1e6 read best without e+
-        return f"{value:.{digits}g}"
+        return f"{value:#.{digits}g}".rstrip(".")  # '#': 11.0 stays "11.0", not "11"
     return str(value)
 
 
@@ -89,10 +89,10 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *,
 
     Example:
         >>> print(format_table(["name", "GNQ"], [["a", 0.5], ["bb", 1234.5]]))
-        name   GNQ
-        ----  ----
-        a      0.5
-        bb    1234
+        name    GNQ
+        ----  -----
+        a     0.500
+        bb     1234
     """
     cells = []
     for row in rows:
@@ -146,7 +146,7 @@ class TopTable(list):
         >>> print(rows)
         index  steps  bound  max GNQ  mean GNQ  censored  curvature
         -----  -----  -----  -------  --------  --------  ---------
-            7      3   1.23      2.5         1  no                –
+            7      3   1.23     2.50         1  no                –
     """
 
     def __str__(self) -> str:
@@ -191,7 +191,7 @@ def format_run_summary(summary: Mapping[str, Any], *, log_dir: str | None) -> st
         >>> print(format_run_summary({"step": 40, "examples_seen": 1000.0,
         ...                           "max_bound": 12.3456, "mean_bound": 3.21,
         ...                           "dropped_total": 0.0}, log_dir=None))
-        gradguard: 40 optimizer steps, 1000 examples seen; largest cumulative bound 12.3 nats, mean 3.21 nats; 0 example-steps dropped
+        gradguard: 40 optimizer steps, 1000 examples seen; largest cumulative bound 12.3 nats, mean 3.21 nats
         No logs written (no log_dir).
     """  # noqa: E501
     parts = []
@@ -205,7 +205,7 @@ def format_run_summary(summary: Mapping[str, Any], *, log_dir: str | None) -> st
             text += f", mean {format_number(summary['mean_bound'])} nats"
         parts.append(text)
     acted = [f"{format_number(summary[k])} {label}" for k, label in _SUMMARY_LINES[5:]
-             if k in summary and (summary[k] or k == "dropped_total")]
+             if summary.get(k)]  # a policy that never acted needs no "0 dropped"
     if acted:
         parts.append(", ".join(acted))
     lines = ["gradguard: " + "; ".join(parts)]

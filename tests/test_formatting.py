@@ -42,7 +42,8 @@ def test_format_number_whole_numbers_bools_and_tensors():
     assert format_number(3.0) == "3"
     assert format_number(True) == "yes"
     assert format_number(torch.tensor(0.123456)) == "0.123"
-    assert format_number(np.float64(2.5e-7)) == "2.5e-07"
+    assert format_number(np.float64(2.5e-7)) == "2.50e-07"
+    assert format_number(10.96) == "11.0"  # 3 significant digits, trailing zero kept
 
 
 def test_format_table_aligns_columns():

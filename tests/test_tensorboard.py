@@ -547,8 +547,8 @@ def test_log_comparison_writes_one_hparams_session_per_row(tmp_path):
         if math.isnan(row["auc"]):  # a non-finite metric is left out, never written as NaN
             assert "gradguard/compare/auc" not in acc.Tags()["scalars"]
     (_, table), = text_of(load(tmp_path), "gradguard/compare/table")
-    assert "| no defence | none | – | 0.97 | 0.61 |" in table
-    assert "| gnq-drop q=0.9 | gnq-drop | 6.5 | 0.95 | – |" in table
+    assert "| no defence | none | – | 0.970 | 0.610 |" in table
+    assert "| gnq-drop q=0.9 | gnq-drop | 6.50 | 0.950 | – |" in table
 
 
 def test_log_comparison_rejects_unnamed_or_duplicate_rows(tmp_path):
