@@ -59,21 +59,24 @@ TAGS: dict[str, str] = {name: TAG_PREFIX + tag for name, tag in {
 }.items()}
 
 #: Custom-scalars layout written once per run: category -> chart -> [kind, tags]. Categories
-#: are numbered in reading order (GNQ, disclosure, policy, then curvature); per-step counts and
-#: cumulative counts are separate charts, since they live on different scales.
+#: are numbered in reading order (GNQ, disclosure, policy, then curvature). A chart holds one
+#: quantity, so that with several runs (a comparison) it has one line per run, and quantities
+#: of different scales (median vs max GNQ, per-step vs cumulative counts) never share an axis.
 LAYOUT: dict[str, dict[str, list[Any]]] = {
     "gradguard 1 · GNQ per step": {
-        "GNQ of the batch: median, 95th percentile, max": [
-            "Multiline", [TAGS["gnq_p50"], TAGS["gnq_p95"], TAGS["gnq_max"]]],
-        "GNQ of the batch: mean": ["Multiline", [TAGS["gnq_mean"]]],
+        "GNQ: median of the batch": ["Multiline", [TAGS["gnq_p50"]]],
+        "GNQ: 95th percentile of the batch": ["Multiline", [TAGS["gnq_p95"]]],
+        "GNQ: largest in the batch": ["Multiline", [TAGS["gnq_max"]]],
+        "GNQ: mean of the batch": ["Multiline", [TAGS["gnq_mean"]]],
     },
     "gradguard 2 · disclosure": {
-        "cumulative bound Σ½ln(1+GNQ), nats: largest and mean over examples": [
-            "Multiline", [TAGS["disclosure_max"], TAGS["disclosure_mean"]]],
+        "largest cumulative bound Σ½ln(1+GNQ) (nats)": ["Multiline", [TAGS["disclosure_max"]]],
+        "mean cumulative bound over examples seen (nats)": [
+            "Multiline", [TAGS["disclosure_mean"]]],
     },
     "gradguard 3 · policy actions": {
-        "examples dropped / clipped in the logged step": [
-            "Multiline", [TAGS["dropped"], TAGS["clipped"]]],
+        "examples dropped in the logged step": ["Multiline", [TAGS["dropped"]]],
+        "examples clipped in the logged step": ["Multiline", [TAGS["clipped"]]],
         "examples censored so far (cumulative)": ["Multiline", [TAGS["censored_total"]]],
     },
     "gradguard 4 · curvature probe": {
