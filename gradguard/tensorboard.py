@@ -47,6 +47,8 @@ TAGS: dict[str, str] = {name: TAG_PREFIX + tag for name, tag in {
     "disclosure_max": "disclosure/max", "disclosure_mean": "disclosure/mean",
     "dropped": "policy/dropped", "clipped": "policy/clipped",
     "censored_total": "policy/censored_total",
+    # cumulative counts of example-steps, as the engine passes them in policy_stats
+    "dropped_total": "policy/dropped_total", "clipped_total": "policy/clipped_total",
     "top_disclosing_text": "top_disclosing",
     "lam": "lam",
     # then the curvature probe
@@ -77,6 +79,8 @@ LAYOUT: dict[str, dict[str, list[Any]]] = {
     "gradguard 3 · policy actions": {
         "examples dropped in the logged step": ["Multiline", [TAGS["dropped"]]],
         "examples clipped in the logged step": ["Multiline", [TAGS["clipped"]]],
+        "example-steps dropped so far (cumulative)": ["Multiline", [TAGS["dropped_total"]]],
+        "example-steps clipped so far (cumulative)": ["Multiline", [TAGS["clipped_total"]]],
         "examples censored so far (cumulative)": ["Multiline", [TAGS["censored_total"]]],
     },
     "gradguard 4 · curvature probe": {
@@ -88,6 +92,13 @@ LAYOUT: dict[str, dict[str, list[Any]]] = {
         "λ used at each logged step": ["Multiline", [TAGS["lam"]]],
     },
 }
+
+# Custom scalars reads each tag as a regular expression: anchor it, or "policy/dropped" also
+# matches "policy/dropped_total" and a per-step chart gets the cumulative line too.
+for _charts in LAYOUT.values():
+    for _kind, _tags in _charts.values():
+        _tags[:] = [f"^{re.escape(tag)}$" for tag in _tags]
+del _charts, _kind, _tags
 
 # Scalars that, once logged, serve as the hparams dashboard's metrics when close() gets none.
 _DEFAULT_METRIC_TAGS = (
