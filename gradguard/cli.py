@@ -141,7 +141,8 @@ TABLE_LEGEND = {
     "best TPR@1%FPR": "strongest attack's true-positive rate at a 1% false-positive rate",
     "best ε_lb": "empirical lower bound on ε implied by the strongest attack",
     "canary AUC": "strongest attack's AUC on the planted canaries",
-    "canaries fit (m/h)": "fraction of member / held-out canaries the model fits",
+    "canaries fit (m/h)": "share of member / held-out canaries whose planted label the model "
+                          "predicts",
     "max bound (nats)": "largest per-example cumulative GNQ bound Σ½ln(1+GNQ), a monitoring "
                         "signal, not a DP guarantee",
     "dropped / clipped": "example-steps the GNQ policy dropped / down-weighted",

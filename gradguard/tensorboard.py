@@ -51,13 +51,15 @@ TAGS: dict[str, str] = {name: TAG_PREFIX + tag for name, tag in {
     "dropped_total": "policy/dropped_total", "clipped_total": "policy/clipped_total",
     "top_disclosing_text": "top_disclosing",
     "lam": "lam",
-    # then the curvature probe
+    # then the curvature probe: DESIGN §6's three scalars, and the probe's details under
+    # probe/, which TensorBoard's alphabetical Time Series puts after gnq/ and policy/
+    # (histograms come one card per run, and led the page when they were curvature/*).
     "curvature_members_mean": "curvature/members_mean",
     "curvature_nonmembers_mean": "curvature/nonmembers_mean",
-    "curvature_auc": "curvature/auc", "curvature_seconds": "curvature/seconds",
-    "curvature_members_hist": "curvature/members",
-    "curvature_nonmembers_hist": "curvature/nonmembers",
-    "curvature_pr": "curvature/pr", "curvature_attack_text": "curvature/attack",
+    "curvature_auc": "curvature/auc", "curvature_seconds": "probe/seconds",
+    "curvature_members_hist": "probe/curvature_members",
+    "curvature_nonmembers_hist": "probe/curvature_nonmembers",
+    "curvature_pr": "probe/curvature_pr", "curvature_attack_text": "probe/curvature_attack",
 }.items()}
 
 #: Custom-scalars layout written once per run: category -> chart -> [kind, tags]. Categories

@@ -25,7 +25,7 @@ STEP_SCALARS = ["gnq/mean", "gnq/p50", "gnq/p95", "gnq/max", "disclosure/max",
                 "disclosure/mean", "policy/dropped", "policy/clipped", "policy/censored_total",
                 "lam"]
 CURVATURE_SCALARS = ["curvature/members_mean", "curvature/nonmembers_mean", "curvature/auc",
-                     "curvature/seconds"]
+                     "probe/seconds"]
 N = 40
 
 
@@ -174,13 +174,13 @@ def test_curvature_scalars_histograms_and_pr_curve(run):
         members.mean(), rel=2e-7)
     assert scalar(acc, "gradguard/curvature/nonmembers_mean")[4] == pytest.approx(
         nonmembers.mean(), rel=2e-7)
-    assert scalar(acc, "gradguard/curvature/seconds")[5] == 0.25
-    hists = {tag: acc.Histograms(f"gradguard/curvature/{tag}") for tag in
+    assert scalar(acc, TAGS["curvature_seconds"])[5] == 0.25
+    hists = {tag: acc.Histograms(TAGS[f"curvature_{tag}_hist"]) for tag in
              ("members", "nonmembers")}
     assert hists["members"][0].histogram_value.num == members.size
     assert hists["nonmembers"][0].histogram_value.sum == pytest.approx(nonmembers.sum())
 
-    pr = acc.Tensors("gradguard/curvature/pr")
+    pr = acc.Tensors(TAGS["curvature_pr"])
     assert [e.step for e in pr] == [4, 5]
     # Rows: TP, FP, TN, FN, precision, recall over thresholds i / (T - 1).
     data = np.array(pr[0].tensor_proto.float_val).reshape(6, -1)
@@ -202,7 +202,7 @@ def test_curvature_scalars_histograms_and_pr_curve(run):
 
 def test_direction_note_written_once(run):
     _, acc, _ = run
-    notes = text_of(acc, "gradguard/curvature/attack")
+    notes = text_of(acc, TAGS["curvature_attack_text"])
     assert len(notes) == 1
     step, note = notes[0]
     assert step == 4
@@ -240,7 +240,7 @@ def test_custom_scalars_layout_covers_documented_tags(run):
         assert [t for t in written if re.search(pattern, t)] in ([], [pattern[1:-1].replace(
             "\\", "")]), pattern
     wanted = {f"gradguard/{t}" for t in [*STEP_SCALARS, *CURVATURE_SCALARS]
-              if t != "curvature/seconds"}
+              if t != "probe/seconds"}
     assert wanted <= {t for t in written if any(re.search(p, t) for p in patterns)}
     titles = [c.title for c in layout.category]
     # What matters most comes first: GNQ, disclosure, policy, then curvature.
@@ -347,11 +347,11 @@ def test_lower_direction_flips_pr_curve(tmp_path):
     sink.log_curvature(0, result)
     sink.close()
     acc = load(tmp_path)
-    data = np.array(acc.Tensors("gradguard/curvature/pr")[0].tensor_proto.float_val)
+    data = np.array(acc.Tensors(TAGS["curvature_pr"])[0].tensor_proto.float_val)
     tp, fp = data.reshape(6, -1)[:2]
     # Signed by the direction, the members are the top 3 of 5 ranks.
     assert any(t == 3 and f == 0 for t, f in zip(tp, fp, strict=True))
-    assert "lower" in text_of(acc, "gradguard/curvature/attack")[0][1]
+    assert "lower" in text_of(acc, TAGS["curvature_attack_text"])[0][1]
 
 
 def _recorded(caught):
@@ -487,9 +487,9 @@ def test_edge_cases_nonfinite_gnq_empty_ledger_and_one_sided_probe(tmp_path):
     assert acc.Histograms("gradguard/gnq/log10_GNQ")[0].histogram_value.num == 2
     assert "no example seen yet" in text_of(acc, "gradguard/top_disclosing")[0][1]
     tags = acc.Tags()
-    assert acc.Histograms("gradguard/curvature/members")[0].histogram_value.num == 2
-    assert "gradguard/curvature/nonmembers" not in tags["histograms"]
-    assert "gradguard/curvature/pr" not in tags["tensors"]  # needs both populations
+    assert acc.Histograms(TAGS["curvature_members_hist"])[0].histogram_value.num == 2
+    assert TAGS["curvature_nonmembers_hist"] not in tags["histograms"]
+    assert TAGS["curvature_pr"] not in tags["tensors"]  # needs both populations
 
 
 _FULL_DISK_SCRIPT = r"""
