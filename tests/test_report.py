@@ -172,3 +172,22 @@ def test_report_outputs_leave_no_temporary_files(tmp_path):
         write_report(run)
     leftovers = [p.name for p in run.rglob(".*.tmp")]
     assert leftovers == []
+
+
+@pytest.mark.parametrize("log_scale", [False, True])
+def test_the_roc_legend_never_covers_the_curves(log_scale):
+    import numpy as np
+
+    from gradguard.experiments.plots import roc_figure
+
+    rng = np.random.default_rng(0)
+    curves = {f"defence {i} with a long name": (rng.normal(0.3, 1, 200), rng.normal(0, 1, 200))
+              for i in range(5)}
+    figure = roc_figure(curves, log_scale=log_scale)
+    figure.canvas.draw()
+    (axes,) = figure.axes
+    assert axes.get_legend() is None and len(figure.legends) == 1
+    box = figure.legends[0].get_window_extent()
+    plot_area = axes.get_window_extent()
+    assert box.y1 <= plot_area.y0  # entirely below the plotting area
+    assert len(figure.legends[0].get_texts()) == len(curves) + 1  # every curve and chance

@@ -18,7 +18,7 @@ import numpy as np
 from gradguard._io import atomic_write_bytes
 from gradguard.audit.metrics import roc_auc, roc_curve, tpr_at_fpr
 
-__all__ = ["plot_privacy_utility", "plot_roc"]
+__all__ = ["plot_privacy_utility", "plot_roc", "roc_figure"]
 
 _PRIVACY_UTILITY_KEYS = ("name", "test_accuracy", "auc", "tpr_at_1pct_fpr")
 
@@ -66,6 +66,15 @@ def plot_roc(
         ValueError: if ``curves`` is empty, a score set is empty/non-finite, or ``path``
             is not a ``.png``.
     """
+    return _save(roc_figure(curves, log_scale=log_scale, title=title), path)
+
+
+def roc_figure(curves: Mapping[str, tuple[Any, Any]], *, log_scale: bool = False,
+               title: str | None = None) -> Any:
+    """The figure :func:`plot_roc` writes (a ``matplotlib.figure.Figure``); same arguments.
+
+    The legend sits below the axes, so it never covers a curve.
+    """
     if not curves:
         raise ValueError("curves is empty: pass {attack name: (member_scores, nonmember_scores)}")
     figure = _new_figure(5.5, 5.6 + 0.2 * len(curves))
@@ -106,7 +115,7 @@ def plot_roc(
     # Below the axes, never on them: inside, a legend of several rows hides the curves.
     figure.legend(*axes.get_legend_handles_labels(), loc="outside lower center",
                   fontsize="small")
-    return _save(figure, path)
+    return figure
 
 
 def plot_privacy_utility(
