@@ -191,3 +191,22 @@ def test_the_roc_legend_never_covers_the_curves(log_scale):
     plot_area = axes.get_window_extent()
     assert box.y1 <= plot_area.y0  # entirely below the plotting area
     assert len(figure.legends[0].get_texts()) == len(curves) + 1  # every curve and chance
+
+
+def test_summary_sections_of_the_wrong_type_are_ignored_not_fatal(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    (run / "summary.json").write_text(json.dumps(
+        {"config": ["not", "a", "dict"], "summary": 3, "curvature_history": {"step": 1}}))
+    md = write_report(run)["markdown"].read_text()
+    assert "Most-disclosing" in md and "Settings:" not in md
+
+
+def test_settings_are_shown_to_three_significant_digits(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    doc = json.loads((run / "summary.json").read_text())
+    doc["config"]["budget"] = 75.59935312428482
+    (run / "summary.json").write_text(json.dumps(doc))
+    md = write_report(run)["markdown"].read_text()
+    assert "budget = 75.6" in md and "75.599" not in md

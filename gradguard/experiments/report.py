@@ -272,7 +272,9 @@ def _series_plot(run: RunRecord, tags: Sequence[str], path: Path, *, title: str,
 
 
 def _curvature_plot(run: RunRecord, path: Path) -> bool:
-    history = [h for h in run.summary.get("curvature_history", []) if "step" in h]
+    history = run.summary.get("curvature_history")
+    history = [h for h in (history if isinstance(history, list) else [])
+               if isinstance(h, Mapping) and "step" in h]
     if not history:
         return False
     steps = [h["step"] for h in history]
@@ -321,11 +323,11 @@ def _run_sections(run: RunRecord, files_dir: Path, top_k: int,
     from gradguard.ledger import BOUND_ASSUMPTIONS
 
     out = [_Section("h2", f"Run `{run.name}`"), _Section("p", f"Directory: `{run.path}`")]
-    config = run.summary.get("config", {})
+    config = _mapping(run.summary.get("config"))
     if config:
         out.append(_Section("p", "Settings: " + ", ".join(
-            f"{k} = {v}" for k, v in config.items())))
-    summary = run.summary.get("summary", {})
+            f"{k} = {format_number(v)}" for k, v in config.items())))
+    summary = _mapping(run.summary.get("summary"))
     if summary:
         names = {"step": "optimizer steps", "examples_seen": "examples seen",
                  "max_bound": "largest cumulative bound (nats)",
@@ -400,6 +402,11 @@ def _run_sections(run: RunRecord, files_dir: Path, top_k: int,
 
 
 _number = format_number
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """A section of summary.json, or {} when the file holds something else there."""
+    return value if isinstance(value, Mapping) else {}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -527,8 +534,7 @@ def runs_table(runs: Sequence[RunRecord]) -> str:
     header = ["run"] + [label for _, label in _RUN_COLUMNS]
     rows = []
     for run in runs:
-        numbers = run.summary.get("summary", {})
-        numbers = numbers if isinstance(numbers, Mapping) else {}
+        numbers = _mapping(run.summary.get("summary"))
         rows.append([run.name] + [_plain(numbers.get(key)) for key, _ in _RUN_COLUMNS])
     return format_table(header, rows)
 
