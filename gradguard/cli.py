@@ -188,8 +188,8 @@ def build_parser(*, compare_options: bool = True) -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", formatter_class=_Formatter,
-        help="a small comparison on the embedded digits (well under a minute on an idle "
-             "laptop CPU, several minutes on a busy one)",
+        help="a small comparison on the embedded digits (a minute or less on idle CPU cores, up "
+             "to about 10 minutes when other jobs share them)",
         description="Run a small comparison on scikit-learn's embedded digits (no download): "
                     "no defence, DP-SGD at ε=8 (δ=1e-5), and GNQ drop at Quantile(0.9) and at "
                     "a budget (the 90th percentile of the undefended run's bounds); 8 LiRA "
