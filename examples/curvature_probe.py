@@ -7,6 +7,8 @@ probe scores a fixed sample of training examples (members) and held-out examples
 attack "low curvature = member" and the probe's wall time, then the probes' share of
 the run. TensorBoard logs go to ``runs/curvature_probe``.
 
+Needs the extra ``experiments`` (scikit-learn's digits); from this checkout:
+    pip install -e ".[experiments]"
 Run:  python examples/curvature_probe.py [--epochs 60] [--every 300] [--estimator zo]
 """
 
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader
 import gradguard as gg
 from gradguard.curvature import ESTIMATORS
 from gradguard.experiments.data import load_dataset
+from gradguard.formatting import format_legend, format_table
 
 
 def main() -> None:
@@ -67,10 +70,13 @@ def main() -> None:
     guard.close()
     total = time.perf_counter() - start
 
-    print(f"{'step':>6} {'members_mean':>13} {'nonmembers_mean':>16} {'AUC':>6} {'probe_s':>8}")
-    for r in probe.history:
-        print(f"{r['step']:>6} {r['members_mean']:>13.4e} {r['nonmembers_mean']:>16.4e} "
-              f"{r['auc']:>6.3f} {r['seconds']:>8.3f}")
+    print(format_table(["step", "members mean", "non-members mean", "AUC", "probe s"],
+                       [[r["step"], r["members_mean"], r["nonmembers_mean"], r["auc"],
+                         r["seconds"]] for r in probe.history]))
+    print(format_legend({"members mean / non-members mean": "mean input-loss curvature of the "
+                         "probed training / held-out examples",
+                         "AUC": "membership AUC of the curvature attack (0.5 = chance)",
+                         "probe s": "seconds the probe took"}))
     model.eval()
     with torch.no_grad():
         accuracy = {name: (model(d.tensors[0]).argmax(1) == d.tensors[1]).float().mean().item()

@@ -11,6 +11,8 @@ they agree on every drop. Rank 0 alone writes TensorBoard logs to ``runs/ddp``.
 At the end every rank checks that all ledgers are bit-for-bit equal, and rank 0 prints
 the most-disclosing examples.
 
+Needs the extra ``experiments`` (scikit-learn's digits); from this checkout:
+    pip install -e ".[experiments]"
 Run:  python examples/ddp.py [--world 2] [--policy drop] [--gnq local] [--epochs 4]
 """
 
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import gradguard as gg
 from gradguard.experiments.data import load_dataset
 from gradguard.experiments.models import mlp
+from gradguard.formatting import format_run_summary
 
 
 def _free_port() -> int:
@@ -70,13 +73,8 @@ def train(rank: int, args: argparse.Namespace, port: int) -> None:
             s = guard.summary()
             print(f"{args.world} ranks, {guard.step} steps, GNQ over the "
                   f"{args.gnq} batch; ledgers identical on every rank: {agree}")
-            print(f"examples seen {s['examples_seen']:.0f}, dropped {s['dropped_total']:.0f}, "
-                  f"max bound {s['max_bound']:.3f} nats (gradguard's Gaussian-channel bound, "
-                  "not a DP guarantee)")
-            print("most-disclosing examples (dataset index, steps, max GNQ, bound):")
-            for row in guard.ledger.top(5):
-                print(f"  {row['index']:5d} {row['steps_seen']:3d} {row['max_gnq']:10.2f} "
-                      f"{row['cum_bound']:.3f}")
+            print(format_run_summary(s, log_dir=args.log_dir))
+            print(guard.ledger.top(5))
         guard.close()
         if not agree:
             raise SystemExit("ledgers differ across ranks")

@@ -9,8 +9,9 @@ cheaper), then the most-disclosing examples. The guard's state is saved next to 
 optimizer's in every Trainer checkpoint (``runs/hf/checkpoint-*/gradguard_state.pt``).
 TensorBoard: ``runs/hf/gradguard``.
 
+Needs the extra ``huggingface``; from this checkout:
+    pip install -e ".[huggingface]"
 Run:  python examples/huggingface_trainer.py [--epochs 6] [--policy clip]
-Needs: pip install gradguard[huggingface]
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import argparse
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built in code
+
+from _extras import require  # noqa: E402
+
+require(huggingface="transformers,accelerate")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -31,6 +36,7 @@ from transformers import (  # noqa: E402
 )
 
 import gradguard as gg  # noqa: E402
+from gradguard.formatting import format_run_summary  # noqa: E402
 from gradguard.integrations.huggingface import GradGuardTrainer  # noqa: E402
 
 VOCAB, MAX_LEN = 40, 24
@@ -100,14 +106,10 @@ def main() -> None:
           "output gradients; materialise: per-example gradients):")
     for name, route in routes.routes.items():
         print(f"  {route:11s} {name}")
-    s = guard.summary()
-    print(f"{guard.step} steps; max bound {s['max_bound']:.3f} nats (gradguard's "
-          "Gaussian-channel bound, not a DP guarantee); TensorBoard: "
-          f"{os.path.join(args.output_dir, 'gradguard')}")
+    print(format_run_summary(guard.summary(),
+                             log_dir=os.path.join(args.output_dir, "gradguard")))
     print("most-disclosing examples:")
-    for row in guard.ledger.top(5):
-        print(f"  example {row['index']:3d}: max GNQ {row['max_gnq']:10.2f}, "
-              f"bound {row['cum_bound']:.3f} nats")
+    print(guard.ledger.top(5))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ optimizer Lightning steps, writes its ``gradguard/`` TensorBoard tags into the T
 ``TensorBoardLogger`` run (``runs/lightning/version_N``), and stores its ledger in the
 Lightning checkpoint, from which a second ``fit`` resumes it.
 
+Needs the extras ``lightning`` and ``experiments``; from this checkout:
+    pip install -e ".[lightning,experiments]"
 Run:  python examples/lightning_callback.py [--epochs 4] [--policy clip]
-Needs: pip install gradguard[lightning]
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ from __future__ import annotations
 import argparse
 import os
 
-import lightning.pytorch as pl
-import torch
-import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader
+from _extras import require
 
-import gradguard as gg
-from gradguard.experiments.data import load_dataset
-from gradguard.experiments.models import mlp
-from gradguard.integrations.lightning import GradGuardCallback
+require(lightning="lightning", experiments="sklearn")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+import gradguard as gg  # noqa: E402
+from gradguard.experiments.data import load_dataset  # noqa: E402
+from gradguard.experiments.models import mlp  # noqa: E402
+from gradguard.formatting import format_run_summary  # noqa: E402
+from gradguard.integrations.lightning import GradGuardCallback  # noqa: E402
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -72,14 +78,8 @@ def main() -> None:
     trainer.save_checkpoint(ckpt)
 
     guard = callback.guard
-    s = guard.summary()
-    print(f"{guard.step} steps; TensorBoard run: {logger.log_dir}")
-    print(f"examples seen {s['examples_seen']:.0f}, clipped {s['clipped_total']:.0f}, "
-          f"max bound {s['max_bound']:.3f} nats (gradguard's Gaussian-channel bound, "
-          "not a DP guarantee)")
-    for row in guard.ledger.top(5):
-        print(f"  example {row['index']:4d}: max GNQ {row['max_gnq']:9.2f}, "
-              f"bound {row['cum_bound']:.3f} nats")
+    print(format_run_summary(guard.summary(), log_dir=logger.log_dir))
+    print(guard.ledger.top(5))
 
     # Resume from the checkpoint for one more epoch: the ledger continues.
     resumed = GradGuardCallback(log_every=5, **guard_args)

@@ -10,6 +10,8 @@ exactly the DP-SGD update (monitor never changes it). Prints the ε Opacus's acc
 spent, the test accuracy and a GNQ summary; dataset indices and numbers only, never
 training examples.
 
+Needs the extra ``experiments`` (scikit-learn's digits); from this checkout:
+    pip install -e ".[experiments]"
 Run:  python examples/with_opacus.py [--epochs 15] [--noise 1.0] [--log-dir runs/with_opacus]
 """
 
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader
 import gradguard
 from gradguard.experiments.data import load_dataset
 from gradguard.experiments.models import make_model
+from gradguard.formatting import format_number, format_run_summary
 from gradguard.ledger import BOUND_ASSUMPTIONS
 
 DELTA = 1e-5
@@ -89,19 +92,15 @@ def main() -> None:
     summary = guard.summary()
     print(f"\nGNQ of the released DP-SGD update (clipped gradients, noise in the ridge), "
           f"{guard.step} steps, {int(seen.sum())} of {len(split.train)} examples seen:")
-    print(f"  per-example mean GNQ: median {q[0]:.4g}, p95 {q[1]:.4g}; "
-          f"largest single-step GNQ {summary['max_gnq']:.4g} (raw, what an unprotected "
-          f"update would disclose: {summary['max_gnq_raw']:.4g})")
-    print(f"  cumulative bound: max {summary['max_bound']:.4g} nats, mean "
-          f"{summary['mean_bound']:.4g} nats")
-    print(f"  individual ε at δ = {DELTA:g}: max {summary['eps_max']:.4g}, mean "
-          f"{summary['eps_mean']:.4g}; the run's ε by the same RDP accounting "
-          f"{summary['eps_run_rdp']:.4g} (Opacus's PRV accountant above is tighter)")
-    print("  top-5 examples by bound (dataset index, steps, max GNQ, nats): " + "; ".join(
-        f"{r['index']}, {r['steps_seen']}, {r['max_gnq']:.3g}, {r['cum_bound']:.3g}"
-        for r in ledger.top(5)))
+    print(f"  per-example mean GNQ: median {format_number(q[0])}, p95 {format_number(q[1])}; "
+          f"largest single-step GNQ {format_number(summary['max_gnq'])} (raw, what an "
+          f"unprotected update would disclose: {format_number(summary['max_gnq_raw'])})")
+    print(f"  individual ε at δ = {DELTA:g}: max {format_number(summary['eps_max'])}, mean "
+          f"{format_number(summary['eps_mean'])}; the run's ε by the same RDP accounting "
+          f"{format_number(summary['eps_run_rdp'])} (Opacus's PRV accountant above is tighter)")
+    print(format_run_summary(summary, log_dir=args.log_dir))
+    print(ledger.top(5))
     print(f"\n({BOUND_ASSUMPTIONS})")
-    print(f"\nTensorBoard:  tensorboard --logdir {args.log_dir}")
 
 
 if __name__ == "__main__":

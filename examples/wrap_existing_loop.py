@@ -6,6 +6,8 @@ the loop itself (zero_grad, forward, backward, step) is unchanged. At the end it
 the test accuracy and the five training examples (by dataset index) whose cumulative
 disclosure bound is largest; no training example itself is ever printed or logged.
 
+Needs the extra ``experiments`` (scikit-learn's digits); from this checkout:
+    pip install -e ".[experiments]"
 Run:  python examples/wrap_existing_loop.py [--epochs 15] [--log-dir runs/wrap_existing_loop]
 """
 
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader
 import gradguard  # gradguard
 from gradguard.experiments.data import load_dataset
 from gradguard.experiments.models import make_model
+from gradguard.formatting import format_run_summary
 from gradguard.ledger import BOUND_ASSUMPTIONS
 
 
@@ -64,15 +67,11 @@ def main() -> None:
     summary = guard.summary()
     print(f"\ntest accuracy {accuracy:.3f} ({len(split.test)} examples); "
           f"{guard.step} guarded steps, guard time {summary['guard_seconds']:.2f} s")
-    print(f"GNQ: max {summary['max_gnq']:.4g}; cumulative bound over training examples: "
-          f"max {summary['max_bound']:.4g} nats, mean {summary['mean_bound']:.4g} nats")
+    print(format_run_summary(summary, log_dir=args.log_dir))
     print("\ntop-5 most-disclosing training examples (dataset index into split.train):")
-    print(f"  {'index':>6} {'steps':>6} {'max GNQ':>10} {'bound (nats)':>13}")
-    for row in guard.ledger.top(5):
-        print(f"  {row['index']:>6} {row['steps_seen']:>6} {row['max_gnq']:>10.4g} "
-              f"{row['cum_bound']:>13.4g}")
-    print(f"\n({BOUND_ASSUMPTIONS})")
-    print(f"\nTensorBoard:  tensorboard --logdir {args.log_dir}")
+    top = guard.ledger.top(5)
+    print(top)
+    print(f"\n{top.legend()}\n({BOUND_ASSUMPTIONS})")
 
 
 if __name__ == "__main__":

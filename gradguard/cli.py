@@ -1,5 +1,9 @@
 """The ``gradguard`` command line: ``demo``, ``compare`` and ``report``.
 
+``gradguard --help`` and ``--version`` import neither torch nor the experiment harness: the
+``compare`` options (whose defaults and choices come from the harness) are only built when
+the command line names ``compare``.
+
 Exit codes: 0 on success, 2 for a bad command line (argparse's convention: a bad option
 value, a missing ``--data-dir``), 1 when the work itself fails (the message goes to stderr;
 ``--debug`` adds the traceback), 130 when interrupted.
@@ -14,6 +18,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -114,7 +119,35 @@ def _device(text: str) -> str:
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the descriptions' line breaks."""
+    """Show defaults once and keep the descriptions' line breaks.
+
+    No "(default: …)" is added where the help already says what the default is, nor for a
+    default of None (the help then says what leaving the option out means).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+#: Meaning of each column of the comparison table (compare.markdown_table), printed under it.
+TABLE_LEGEND = {
+    "test acc": "accuracy on the held-out test set",
+    "DP ε": "the privacy accountant's ε for DP-SGD rows (δ as set); ∞ (none): no DP guarantee",
+    "<attack> AUC": "membership-inference attack's ROC AUC (0.5 = chance); curv. = input-loss "
+                    "curvature, LiRA-on/-off = LiRA with online/offline shadow models",
+    "best TPR@1%FPR": "strongest attack's true-positive rate at a 1% false-positive rate",
+    "best ε_lb": "empirical lower bound on ε implied by the strongest attack",
+    "canary AUC": "strongest attack's AUC on the planted canaries",
+    "canaries fit (m/h)": "share of member / held-out canaries whose planted label the model "
+                          "predicts",
+    "max bound (nats)": "largest per-example cumulative GNQ bound Σ½ln(1+GNQ), a monitoring "
+                        "signal, not a DP guarantee",
+    "dropped / clipped": "example-steps the GNQ policy dropped / down-weighted",
+    "time (s)": "wall time of the row (training, probes and attacks)",
+}
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -133,24 +166,30 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="show the full traceback when something fails")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``gradguard`` argument parser (subcommands demo, compare, report)."""
-    from gradguard.experiments.compare import ATTACKS, ComparisonConfig
-    from gradguard.experiments.data import CANARY_KINDS, DATASET_NAMES
-    from gradguard.experiments.models import MODEL_NAMES
+def build_parser(*, compare_options: bool = True) -> argparse.ArgumentParser:
+    """The ``gradguard`` argument parser (subcommands demo, compare, report).
 
-    defaults = ComparisonConfig()
+    Args:
+        compare_options: add the ``compare`` subcommand's options, which import the
+            experiment harness (torch, scikit-learn) for their defaults and choices. Without
+            them ``--help``, ``--version``, ``demo`` and ``report`` parse as usual.
+    """
+    from gradguard import __version__
+
     parser = argparse.ArgumentParser(
         prog="gradguard",
         description="gradguard: a training-time privacy monitor for PyTorch (per-example "
                     "gradient uniqueness, input-curvature probes, GNQ-based censorship) and "
                     "its comparison against DP-SGD.",
         formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"gradguard {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = sub.add_parser(
         "demo", formatter_class=_Formatter,
-        help="a small comparison on the embedded digits (about 3 minutes on 2 CPU cores)",
+        help="a small comparison on the embedded digits (a minute or less on idle CPU cores, up "
+             "to about 10 minutes when other jobs share them)",
         description="Run a small comparison on scikit-learn's embedded digits (no download): "
                     "no defence, DP-SGD at ε=8 (δ=1e-5), and GNQ drop at Quantile(0.9) and at "
                     "a budget (the 90th percentile of the undefended run's bounds); 8 LiRA "
@@ -175,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "GNQ threshold), budget=B (nats) or budget=pP (the P-th percentile of the "
                     "undefended run's final per-example bounds). Example: --drop q=0.9 "
                     "budget=p90 --clip q=0.5")
+    if compare_options:
+        _add_compare_options(compare)
+    _add_report(sub)
+    return parser
+
+
+def _add_compare_options(compare: argparse.ArgumentParser) -> None:
+    from gradguard.experiments.compare import ATTACKS, ComparisonConfig
+    from gradguard.experiments.data import CANARY_KINDS, DATASET_NAMES
+    from gradguard.experiments.models import MODEL_NAMES
+
+    defaults = ComparisonConfig()
     data = compare.add_argument_group("data and model")
     data.add_argument("--dataset", default=defaults.dataset,
                       choices=DATASET_NAMES,
@@ -245,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="runs/compare", help="output directory")
     _add_common(compare)
 
+
+def _add_report(sub: Any) -> None:
     report = sub.add_parser(
         "report", formatter_class=_Formatter,
         help="markdown and HTML summary of a guarded run or a comparison",
@@ -262,7 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rows of each most-disclosing-examples table")
     report.add_argument("--debug", action="store_true",
                         help="show the full traceback when something fails")
-    return parser
 
 
 # --------------------------------------------------------------------------- commands
@@ -312,7 +364,10 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     rows = run_repeated(config, seeds, progress=not args.quiet, overwrite=overwrite)
     seconds = time.perf_counter() - start
     out = Path(config.out_dir)
-    print(markdown_table(rows))
+    table = markdown_table(rows)
+    print(table)
+    print()
+    print(_legend_for(table))
     print()
     if len(seeds) == 1:
         print(f"{len(rows)} rows in {seconds:.0f} s. Results: {out / 'results.md'} (table and "
@@ -328,13 +383,32 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+def _legend_for(table: str) -> str:
+    """The legend lines of the columns that ``table`` (a markdown table) has."""
+    from gradguard.formatting import format_legend
+
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    shown = {}
+    for name, meaning in TABLE_LEGEND.items():
+        if name in header or (name == "<attack> AUC" and any(h.endswith(" AUC") and
+                                                              h != "canary AUC" for h in header)):
+            shown[name] = meaning
+    return format_legend(shown)
+
+
 def _run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gradguard.experiments.report import write_report
+    from gradguard.experiments.report import RUNS_TABLE_LEGEND, write_report
+    from gradguard.formatting import format_legend
 
     if not os.path.isdir(args.run_dir):
         parser.error(f"RUN_DIR {args.run_dir!r} is not a directory")
     paths = write_report(args.run_dir, out_dir=args.out, top_k=args.top_k)
-    print(f"Wrote {paths['markdown']} and {paths['html']}")
+    print(paths["text"])
+    print()
+    print(format_legend(RUNS_TABLE_LEGEND))
+    print()
+    print(f"Wrote {paths['markdown']} (figures in report_files/)")
+    print(f"Open in a browser: {paths['html']}")
     return 0
 
 
@@ -347,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code (argparse exits with 2 itself on a bad command line).
     """
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(compare_options="compare" in argv)
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     try:

@@ -889,7 +889,8 @@ class GradGuard:
         """The settings as plain values (TensorBoard hparams, ``summary.json``)."""
         return {"policy": self.policy, "lam": self.lam,
                 "lam_mode": "relative" if self.relative_lam else "absolute",
-                "threshold": str(self.threshold), "budget": self.budget or 0.0,
+                "threshold": None if self.threshold is None else str(self.threshold),
+                "budget": self.budget,
                 "strategy": self.strategy}
 
     def close(self) -> None:
@@ -916,15 +917,9 @@ class GradGuard:
             _LOG.info("%s", self._closing_summary())
 
     def _closing_summary(self) -> str:
-        s = self.summary()
-        text = (f"gradguard: {self.step} steps, {int(s.get('examples_seen', 0))} examples "
-                f"seen; disclosure bound max {s.get('max_bound', 0.0):.4g} / mean "
-                f"{s.get('mean_bound', 0.0):.4g} nats; policy {self.policy}: "
-                f"{int(s['dropped_total'])} dropped, {int(s['clipped_total'])} clipped "
-                f"(realised rate {s['realised_rate']:.2%})")
-        if self.log_dir is not None:
-            text += f"; logs in {self.log_dir} (tensorboard --logdir {self.log_dir})"
-        return text
+        from .formatting import format_run_summary
+
+        return format_run_summary(self.summary(), log_dir=self.log_dir)
 
     def save_run(self, run_dir: str, *, hparams: dict[str, Any] | None = None) -> None:
         """Write what ``gradguard report`` reads: ``gradguard_state.pt`` and ``summary.json``,

@@ -19,6 +19,7 @@ privacy guarantee such as DP-SGD's ε.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 
+from gradguard._io import atomic_write_text
+from gradguard.formatting import TopTable
 from gradguard.uniqueness.gnq import disclosure_bound
 
 __all__ = ["DisclosureLedger", "BOUND_ASSUMPTIONS"]
@@ -395,7 +398,7 @@ class DisclosureLedger:
             out.append(row)
         return out
 
-    def top(self, k: int = 10, *, by: str = "cum_bound") -> list[dict[str, Any]]:
+    def top(self, k: int = 10, *, by: str = "cum_bound") -> TopTable:
         """The ``k`` examples with the largest ``by``, among examples seen at least once.
 
         Ties are broken by the smaller dataset index. With ``by="curvature"`` only examples
@@ -407,7 +410,8 @@ class DisclosureLedger:
 
         Returns:
             One dict per example: ``index``, every field, and ``curvature_mean`` (NaN when
-            the example has no curvature score), as plain Python numbers.
+            the example has no curvature score), as plain Python numbers; a list that
+            prints as an aligned table (:class:`~gradguard.formatting.TopTable`).
 
         Raises:
             ValueError: unknown ``by`` or negative ``k``.
@@ -425,7 +429,7 @@ class DisclosureLedger:
                 score = getattr(self, by)
             positions = torch.nonzero(mask.cpu()).flatten()  # ascending index
             order = torch.argsort(score.cpu()[positions], descending=True, stable=True)
-        return self._rows(positions[order[:k]])
+        return TopTable(self._rows(positions[order[:k]]))
 
     def records(self) -> list[dict[str, Any]]:
         """One plain-Python dict per example seen at least once, in index order."""
@@ -435,14 +439,17 @@ class DisclosureLedger:
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`records` as CSV (dataset indices and numbers only).
 
+        Written atomically: a reader sees the previous file or the complete new one.
+
         Args:
             path: destination file; its directory must exist.
         """
         columns = ["index", *_FIELDS, "curvature_mean"]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.records())
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.records())
+        atomic_write_text(path, buffer.getvalue())
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -18,50 +18,101 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
+import threading
 import warnings
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from gradguard.formatting import format_number
 from gradguard.ledger import BOUND_ASSUMPTIONS, DisclosureLedger
 
-__all__ = ["TensorBoardSink", "LAYOUT", "TAG_PREFIX"]
+__all__ = ["TensorBoardSink", "LAYOUT", "TAGS", "TAG_PREFIX", "log_comparison"]
 
 TAG_PREFIX = "gradguard/"
 
-#: Custom-scalars layout written once per run: category -> chart -> [kind, tags].
+#: Every tag gradguard writes, in one place (the sink, the report and tests read it).
+#: Scalars unless the name says otherwise (``*_hist``: histogram, ``*_pr``: PR curve,
+#: ``*_text``: markdown text).
+TAGS: dict[str, str] = {name: TAG_PREFIX + tag for name, tag in {
+    # what matters most: GNQ, disclosure, policy actions
+    "gnq_mean": "gnq/mean", "gnq_p50": "gnq/p50", "gnq_p95": "gnq/p95", "gnq_max": "gnq/max",
+    "gnq_nonfinite": "gnq/nonfinite",
+    # log10 of the positive GNQ values: GNQ spans orders of magnitude in one batch.
+    "gnq_log10_hist": "gnq/log10_GNQ",
+    "disclosure_max": "disclosure/max", "disclosure_mean": "disclosure/mean",
+    "dropped": "policy/dropped", "clipped": "policy/clipped",
+    "censored_total": "policy/censored_total",
+    # cumulative counts of example-steps, as the engine passes them in policy_stats
+    "dropped_total": "policy/dropped_total", "clipped_total": "policy/clipped_total",
+    "top_disclosing_text": "top_disclosing",
+    "lam": "lam",
+    # then the curvature probe: DESIGN §6's three scalars, and the probe's details under
+    # probe/, which TensorBoard's alphabetical Time Series puts after gnq/ and policy/
+    # (histograms come one card per run, and led the page when they were curvature/*).
+    "curvature_members_mean": "curvature/members_mean",
+    "curvature_nonmembers_mean": "curvature/nonmembers_mean",
+    "curvature_auc": "curvature/auc", "curvature_seconds": "probe/seconds",
+    "curvature_members_hist": "probe/curvature_members",
+    "curvature_nonmembers_hist": "probe/curvature_nonmembers",
+    "curvature_pr": "probe/curvature_pr", "curvature_attack_text": "probe/curvature_attack",
+}.items()}
+
+#: Custom-scalars layout written once per run: category -> chart -> [kind, tags]. Categories
+#: are numbered in reading order (GNQ, disclosure, policy, then curvature). A chart holds one
+#: quantity, so that with several runs (a comparison) it has one line per run, and quantities
+#: of different scales (median vs max GNQ, per-step vs cumulative counts) never share an axis.
 LAYOUT: dict[str, dict[str, list[Any]]] = {
-    "gradguard: GNQ": {
-        "GNQ per step": ["Multiline", [f"{TAG_PREFIX}gnq/mean", f"{TAG_PREFIX}gnq/p50",
-                                       f"{TAG_PREFIX}gnq/p95", f"{TAG_PREFIX}gnq/max"]],
-        "ridge λ used": ["Multiline", [f"{TAG_PREFIX}lam"]],
+    "gradguard 1 · GNQ per step": {
+        "GNQ: median of the batch": ["Multiline", [TAGS["gnq_p50"]]],
+        "GNQ: 95th percentile of the batch": ["Multiline", [TAGS["gnq_p95"]]],
+        "GNQ: largest in the batch": ["Multiline", [TAGS["gnq_max"]]],
+        "GNQ: mean of the batch": ["Multiline", [TAGS["gnq_mean"]]],
     },
-    "gradguard: disclosure": {
-        "cumulative bound Σ½ln(1+GNQ) (nats)": [
-            "Multiline", [f"{TAG_PREFIX}disclosure/max", f"{TAG_PREFIX}disclosure/mean"]],
+    "gradguard 2 · disclosure": {
+        "largest cumulative bound Σ½ln(1+GNQ) (nats)": ["Multiline", [TAGS["disclosure_max"]]],
+        "mean cumulative bound over examples seen (nats)": [
+            "Multiline", [TAGS["disclosure_mean"]]],
     },
-    "gradguard: policy": {
-        "examples acted on": ["Multiline", [f"{TAG_PREFIX}policy/dropped",
-                                            f"{TAG_PREFIX}policy/clipped",
-                                            f"{TAG_PREFIX}policy/censored_total"]],
+    "gradguard 3 · policy actions": {
+        "examples dropped in the logged step": ["Multiline", [TAGS["dropped"]]],
+        "examples clipped in the logged step": ["Multiline", [TAGS["clipped"]]],
+        "example-steps dropped so far (cumulative)": ["Multiline", [TAGS["dropped_total"]]],
+        "example-steps clipped so far (cumulative)": ["Multiline", [TAGS["clipped_total"]]],
+        "examples censored so far (cumulative)": ["Multiline", [TAGS["censored_total"]]],
     },
-    "gradguard: curvature": {
-        "mean input-loss curvature": ["Multiline", [f"{TAG_PREFIX}curvature/members_mean",
-                                                    f"{TAG_PREFIX}curvature/nonmembers_mean"]],
-        "curvature attack AUC": ["Multiline", [f"{TAG_PREFIX}curvature/auc"]],
+    "gradguard 4 · curvature probe": {
+        "mean input-loss curvature: members vs held out": [
+            "Multiline", [TAGS["curvature_members_mean"], TAGS["curvature_nonmembers_mean"]]],
+        "curvature attack AUC (0.5 = chance)": ["Multiline", [TAGS["curvature_auc"]]],
+    },
+    "gradguard 5 · ridge λ": {
+        "λ used at each logged step": ["Multiline", [TAGS["lam"]]],
     },
 }
 
+# Custom scalars reads each tag as a regular expression: anchor it, or "policy/dropped" also
+# matches "policy/dropped_total" and a per-step chart gets the cumulative line too.
+for _charts in LAYOUT.values():
+    for _kind, _tags in _charts.values():
+        _tags[:] = [f"^{re.escape(tag)}$" for tag in _tags]
+del _charts, _kind, _tags
+
 # Scalars that, once logged, serve as the hparams dashboard's metrics when close() gets none.
 _DEFAULT_METRIC_TAGS = (
-    f"{TAG_PREFIX}disclosure/max",
-    f"{TAG_PREFIX}disclosure/mean",
-    f"{TAG_PREFIX}gnq/p95",
-    f"{TAG_PREFIX}policy/censored_total",
-    f"{TAG_PREFIX}curvature/auc",
+    TAGS["disclosure_max"],
+    TAGS["disclosure_mean"],
+    TAGS["gnq_p95"],
+    TAGS["censored_total"],
+    TAGS["curvature_auc"],
 )
+
+#: How an unset setting (None) appears in the hparams dashboard, for every run alike.
+UNSET = "none"
 
 
 def _tag(name: str) -> str:
@@ -91,36 +142,21 @@ def _as_vector(values: Any, what: str) -> torch.Tensor:
     return t.to(device="cpu", dtype=torch.float64)
 
 
-def _direction_sign(direction: Any) -> int:
-    """+1 when members are expected to score higher, −1 when lower.
+def _attack_sign(result: Any) -> int:
+    """The probe's own attack direction: +1 when members score higher curvature, −1 lower.
 
-    Accepts a number (its sign) or a phrase such as ``"higher"``, ``"members_higher"``,
-    ``"lower"``, ``"nonmembers_higher"``, ``"+"`` or ``"-"``.
+    Taken from the result (:attr:`ProbeResult.sign`, or its ``direction`` ``"higher"`` /
+    ``"lower"``), never re-derived here.
     """
-    if direction is None:
-        return 1
-    if isinstance(direction, (int, float)) and not isinstance(direction, bool):
-        if direction == 0 or math.isnan(direction):
-            raise ValueError(f"direction must be positive or negative, got {direction!r}")
-        return 1 if direction > 0 else -1
-    if isinstance(direction, str):
-        s = direction.strip().lower()
-        if s in {"+", "+1", "1"}:
-            return 1
-        if s in {"-", "-1"}:
-            return -1
-        flip = s.startswith(("nonmember", "non-member", "non_member", "non member"))
-        if any(w in s for w in ("low", "less", "small", "neg")):
-            base = -1
-        elif any(w in s for w in ("high", "great", "larg", "pos")):
-            base = 1
-        else:
-            base = 0
-        if base:
-            return -base if flip else base
+    sign = getattr(result, "sign", None)
+    if sign in (1, -1):
+        return int(sign)
+    direction = getattr(result, "direction", None)
+    if direction in ("higher", "lower"):
+        return 1 if direction == "higher" else -1
     raise ValueError(
-        f"cannot read the curvature attack direction {direction!r}: use 'higher' (members "
-        "have higher curvature), 'lower', or a signed number"
+        f"the curvature result's direction must be 'higher' or 'lower' (as ProbeResult "
+        f"states it), got {direction!r}"
     )
 
 
@@ -134,8 +170,10 @@ def _rank_to_unit(scores: np.ndarray) -> np.ndarray:
     return (rankdata(scores, method="average") - 1.0) / (n - 1.0)
 
 
-def _hparam_value(value: Any) -> bool | int | float | str | None:
-    if value is None or isinstance(value, (bool, int, float, str)):
+def _hparam_value(value: Any) -> bool | int | float | str:
+    if value is None:
+        return UNSET
+    if isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
@@ -166,6 +204,37 @@ def _restore_bools(summaries: tuple[Any, ...], hp: Mapping[str, Any]) -> tuple[A
                 continue
             value.metadata.plugin_data.content = data.SerializeToString()
     return summaries
+
+
+# Writer threads whose failures the sink reports itself (see _silence_writer_thread).
+_QUIET_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_previous_excepthook: Callable[[Any], Any] | None = None
+
+
+def _excepthook(args: Any) -> None:
+    if args.thread in _QUIET_THREADS and isinstance(args.exc_value, Exception):
+        return  # the writer keeps the exception and raises it on the sink's next call
+    (_previous_excepthook or threading.__excepthook__)(args)
+
+
+def _silence_writer_thread(writer: Any) -> None:
+    """Keep a failing event-writer thread (full disk, lost mount) from printing a traceback.
+
+    TensorBoard's background writer thread stores its exception and re-raises it on the
+    next write or flush from the training thread, where the sink turns it into one warning;
+    but it also lets the exception escape the thread, and Python prints that traceback on
+    stderr. This hook drops exactly those, for this sink's own thread; every other thread's
+    exceptions go to the previous hook.
+    """
+    global _previous_excepthook
+    worker = getattr(getattr(getattr(getattr(writer, "file_writer", None), "event_writer", None),
+                             "_async_writer", None), "_worker", None)
+    if not isinstance(worker, threading.Thread):
+        return  # another TensorBoard version: nothing to silence, nothing breaks
+    if threading.excepthook is not _excepthook:
+        _previous_excepthook = threading.excepthook
+        threading.excepthook = _excepthook
+    _QUIET_THREADS.add(worker)
 
 
 class TensorBoardSink:
@@ -211,6 +280,7 @@ class TensorBoardSink:
             # was killed after its last saved state) are hidden, so no step shows twice.
             self._writer = SummaryWriter(log_dir=self.log_dir, flush_secs=flush_secs,
                                          purge_step=purge_step)
+            _silence_writer_thread(self._writer)
             self._writer.add_custom_scalars(LAYOUT)
 
         self._guarded(open_writer, opening=True)
@@ -270,7 +340,9 @@ class TensorBoardSink:
         ``policy/{dropped,clipped}`` (counts of weights == 0 and 0 < weights < 1; 0 when
         ``weights`` is None), ``policy/censored_total``, ``lam``; plus
         ``policy/<name>`` for every entry of ``policy_stats`` (which overrides the
-        weight-derived ``dropped``/``clipped`` if it has them). Histogram ``gnq``.
+        weight-derived ``dropped``/``clipped`` if it has them). Histogram ``gnq/log10_GNQ``
+        of log10(GNQ) over the step's positive finite GNQ values (GNQ spans several orders
+        of magnitude, so a linear histogram puts all mass in its first bin).
 
         Args:
             step: global step.
@@ -291,16 +363,16 @@ class TensorBoardSink:
         scalars: dict[str, float] = {}
         if finite.numel():
             q = torch.quantile(finite, torch.tensor([0.5, 0.95], dtype=torch.float64))
-            scalars[f"{TAG_PREFIX}gnq/mean"] = float(finite.mean())
-            scalars[f"{TAG_PREFIX}gnq/p50"] = float(q[0])
-            scalars[f"{TAG_PREFIX}gnq/p95"] = float(q[1])
-            scalars[f"{TAG_PREFIX}gnq/max"] = float(finite.max())
+            scalars[TAGS["gnq_mean"]] = float(finite.mean())
+            scalars[TAGS["gnq_p50"]] = float(q[0])
+            scalars[TAGS["gnq_p95"]] = float(q[1])
+            scalars[TAGS["gnq_max"]] = float(finite.max())
         if finite.numel() != g.numel():
-            scalars[f"{TAG_PREFIX}gnq/nonfinite"] = float(g.numel() - finite.numel())
+            scalars[TAGS["gnq_nonfinite"]] = float(g.numel() - finite.numel())
 
         summary = ledger.summary()
-        scalars[f"{TAG_PREFIX}disclosure/max"] = float(summary["max_bound"])
-        scalars[f"{TAG_PREFIX}disclosure/mean"] = float(summary["mean_bound"])
+        scalars[TAGS["disclosure_max"]] = float(summary["max_bound"])
+        scalars[TAGS["disclosure_mean"]] = float(summary["mean_bound"])
 
         dropped = clipped = 0.0
         if weights is not None:
@@ -312,17 +384,20 @@ class TensorBoardSink:
                 )
             dropped = float((w == 0).sum())
             clipped = float(((w > 0) & (w < 1)).sum())
-        scalars[f"{TAG_PREFIX}policy/dropped"] = dropped
-        scalars[f"{TAG_PREFIX}policy/clipped"] = clipped
-        scalars[f"{TAG_PREFIX}policy/censored_total"] = float(summary["censored_total"])
+        scalars[TAGS["dropped"]] = dropped
+        scalars[TAGS["clipped"]] = clipped
+        scalars[TAGS["censored_total"]] = float(summary["censored_total"])
         for name, value in (policy_stats or {}).items():
             scalars[f"{TAG_PREFIX}policy/{name}"] = _as_float(value, f"policy_stats[{name!r}]")
-        scalars[f"{TAG_PREFIX}lam"] = _as_float(lam, "lam")
+        scalars[TAGS["lam"]] = _as_float(lam, "lam")
+
+        positive = finite[finite > 0]
 
         def write() -> None:
             self._write_scalars(scalars, step)
-            if finite.numel():
-                self._writer.add_histogram(f"{TAG_PREFIX}gnq", finite.numpy(), step)
+            if positive.numel():
+                self._writer.add_histogram(TAGS["gnq_log10_hist"],
+                                           torch.log10(positive).numpy(), step)
 
         self._guarded(write)
 
@@ -351,15 +426,14 @@ class TensorBoardSink:
         for name in ("members_mean", "nonmembers_mean", "auc", "seconds"):
             value = getattr(result, name, None)
             if value is not None:
-                scalars[f"{TAG_PREFIX}curvature/{name}"] = _as_float(value, name)
+                scalars[TAGS[f"curvature_{name}"]] = _as_float(value, name)
         members = _as_vector(result.member_scores, "member_scores")
         nonmembers = _as_vector(result.nonmember_scores, "nonmember_scores")
         members = members[torch.isfinite(members)].numpy()
         nonmembers = nonmembers[torch.isfinite(nonmembers)].numpy()
 
-        direction = getattr(result, "direction", None)
         estimator = str(getattr(result, "estimator", "unknown"))
-        sign = _direction_sign(direction)
+        sign = _attack_sign(result)
         pr = None
         if members.size and nonmembers.size:
             labels = np.concatenate([np.ones(members.size, dtype=np.int64),
@@ -368,12 +442,12 @@ class TensorBoardSink:
             pr = (labels, predictions)
         note = None
         if (sign, estimator) not in self._directions_stated:
-            stated = "stated" if direction is not None else "not stated, assumed"
             note = (
-                f"Curvature attack (estimator: {estimator}). Direction {stated}: members are "
+                f"Curvature attack (estimator: {estimator}). Direction fixed by the probe: "
+                f"members are "
                 f"expected to have {'higher' if sign > 0 else 'lower'} curvature, so the attack "
                 f"score is {'+' if sign > 0 else '−'}curvature. PR curve "
-                f"`{TAG_PREFIX}curvature/pr`: label 1 = training member, 0 = held-out "
+                f"`{TAGS['curvature_pr']}`: label 1 = training member, 0 = held-out "
                 "non-member; prediction = the attack score's rank scaled to [0, 1] "
                 "(monotone, ties averaged), so thresholds are score quantiles, not scores."
             )
@@ -381,14 +455,14 @@ class TensorBoardSink:
         def write() -> None:
             self._write_scalars(scalars, step)
             if members.size:
-                self._writer.add_histogram(f"{TAG_PREFIX}curvature/members", members, step)
+                self._writer.add_histogram(TAGS["curvature_members_hist"], members, step)
             if nonmembers.size:
-                self._writer.add_histogram(f"{TAG_PREFIX}curvature/nonmembers", nonmembers,
+                self._writer.add_histogram(TAGS["curvature_nonmembers_hist"], nonmembers,
                                            step)
             if pr is not None:
-                self._writer.add_pr_curve(f"{TAG_PREFIX}curvature/pr", pr[0], pr[1], step)
+                self._writer.add_pr_curve(TAGS["curvature_pr"], pr[0], pr[1], step)
             if note is not None:
-                self._writer.add_text(f"{TAG_PREFIX}curvature/attack", note, step)
+                self._writer.add_text(TAGS["curvature_attack_text"], note, step)
                 self._directions_stated.add((sign, estimator))
 
         self._guarded(write)
@@ -415,15 +489,16 @@ class TensorBoardSink:
         ]
         for rank, row in enumerate(rows, start=1):
             lines.append(
-                f"| {rank} | {row['index']} | {row['steps_seen']} | {row['cum_bound']:.6g} | "
-                f"{row['max_gnq']:.6g} | {'yes' if row['censored'] else 'no'} |"
+                f"| {rank} | {row['index']} | {row['steps_seen']} | "
+                f"{format_number(row['cum_bound'])} | {format_number(row['max_gnq'])} | "
+                f"{format_number(bool(row['censored']))} |"
             )
         if not rows:
             lines.append("| – | no example seen yet | | | | |")
         table = "\n".join(lines) + (
             f"\n\n{BOUND_ASSUMPTIONS} Dataset indices only; no example contents are logged."
         )
-        self._guarded(lambda: self._writer.add_text(f"{TAG_PREFIX}top_disclosing", table, step))
+        self._guarded(lambda: self._writer.add_text(TAGS["top_disclosing_text"], table, step))
 
     # ------------------------------------------------------------------ generic
     def log_text(self, tag: str, text: str, step: int) -> None:
@@ -460,8 +535,8 @@ class TensorBoardSink:
         again does nothing.
 
         Args:
-            hparams: hyperparameters (bool, int, float, str; None entries are skipped,
-                anything else is written as its ``str``).
+            hparams: hyperparameters (bool, int, float, str; None is written as ``"none"``
+                so unset settings read the same in every run; anything else as its ``str``).
             metrics: final metric values.
         """
         if self._closed:
@@ -497,3 +572,87 @@ class TensorBoardSink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def log_comparison(log_dir: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *,
+                   hparams: Sequence[str], metrics: Sequence[str],
+                   name_key: str = "name") -> list[str]:
+    """Write a comparison where TensorBoard reads it well: one HParams session per row.
+
+    Each row becomes its own run ``<log_dir>/<row name>`` holding an hparams session with
+    the row's ``hparams`` values (None as ``"none"``) and its ``metrics`` as the session's
+    metrics (scalars ``gradguard/compare/<metric>`` at step 0), so the HParams tab's table
+    and parallel-coordinates views compare rows side by side. ``log_dir`` itself gets a
+    markdown table of every row (text ``gradguard/compare/table``, 3 significant digits).
+    Write it to a directory of its own, not into a run that already has an hparams session.
+
+    Args:
+        log_dir: directory for the comparison's runs.
+        rows: one mapping per row; must hold ``name_key``; missing hparams/metrics are
+            written as ``"none"`` / left out.
+        hparams: keys of the settings that tell rows apart (e.g. ``["defence", "threshold",
+            "budget"]``).
+        metrics: keys of the results (e.g. ``["test_accuracy", "eps_spent", "best_auc"]``);
+            a non-finite or missing value is left out of that row.
+        name_key: the key of each row's name.
+
+    Returns:
+        The run directories written, one per row.
+
+    Raises:
+        ValueError: no rows, a row without a name, duplicate names, or no metrics.
+
+    Example:
+        >>> import tempfile
+        >>> log_comparison(tempfile.mkdtemp(), [{"name": "dp-sgd ε=8", "eps": 8.0, "acc": 0.9}],
+        ...                hparams=["eps"], metrics=["acc"])[0].endswith("dp-sgd_ε_8")
+        True
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    if not rows:
+        raise ValueError("rows is empty: pass one mapping per compared run")
+    if not metrics:
+        raise ValueError("metrics is empty: name the result keys to compare, e.g. "
+                         "['test_accuracy', 'best_auc']")
+    names = []
+    for i, row in enumerate(rows):
+        if not row.get(name_key):
+            raise ValueError(f"rows[{i}] has no {name_key!r}: every row needs a name")
+        names.append(re.sub(r"[^\w.+-]+", "_", str(row[name_key])).strip("_") or f"row{i}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"row names must be distinct as directory names, got {names}")
+    metric_tags = {key: f"{TAG_PREFIX}compare/{key}" for key in metrics}
+    written = []
+    for name, row in zip(names, rows):
+        run_dir = os.path.join(os.fspath(log_dir), name)
+        values = {key: _finite_or_none(row.get(key)) for key in metrics}
+        hp = {key: _hparam_value(row.get(key)) for key in hparams}
+        with SummaryWriter(log_dir=run_dir) as writer:
+            summaries = hparams_summaries(hp, {metric_tags[k]: 0.0 for k in metrics})
+            for summary in _restore_bools(summaries, hp):
+                writer.file_writer.add_summary(summary, 0)
+            for key, value in values.items():
+                if value is not None:
+                    writer.add_scalar(metric_tags[key], value, 0)
+        written.append(run_dir)
+    header = [name_key, *hparams, *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (
+        len(header) - 1)) + "|"]
+    for row in rows:
+        cells = [format_number(row.get(k)) for k in header]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    with SummaryWriter(log_dir=os.fspath(log_dir)) as writer:
+        writer.add_text(f"{TAG_PREFIX}compare/table", "\n".join(lines), 0)
+    return written
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = _as_float(value, "metric")
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None

@@ -67,6 +67,40 @@ def test_help_exits_zero_and_lists_the_options(command, capsys):
             assert flag in text, flag
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["demo", "--help"],
+                                  ["report", "--help"]])
+def test_help_and_version_import_no_torch(argv):
+    # A fresh interpreter: this test process has long imported torch itself.
+    code = "\n".join([
+        "import sys", "from gradguard.cli import main", "try:", f"    main({argv!r})",
+        "except SystemExit as e:", "    assert e.code == 0, e.code",
+        "heavy = [m for m in ('torch', 'sklearn', 'opacus', 'matplotlib') if m in sys.modules]",
+        "print('HEAVY', heavy)"])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+
+
+def test_version_names_the_package_version(capsys):
+    import gradguard
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gradguard {gradguard.__version__}"
+
+
+@pytest.mark.parametrize("command", ["demo", "compare", "report"])
+def test_help_states_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for option in re.split(r"\s(?=--?[a-z])", text):
+        assert option.count("default") <= 1, option
+    assert "(default: None)" not in text
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["compare", "--epochs", "0"], "--epochs: must be an integer >= 1"),
     (["compare", "--epochs", "two"], "must be an integer"),
@@ -146,7 +180,11 @@ def test_report_of_a_comparison(compare_out, tmp_path, capsys):
     assert result.returncode == 0
     target = tmp_path / "rep"
     assert main(["report", str(out), "--out", str(target), "--top-k", "5"]) == 0
-    assert "report.html" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str(target / "report.html") in printed
+    # The summary table: one row per run, in row order.
+    assert [line.split()[0] for line in printed.splitlines()[2:6]] == [
+        "none", "dpsgd_eps8", "drop_q0.9", "clip_q0.5"]
     md = (target / "report.md").read_text()
     html = (target / "report.html").read_text()
     # The comparison table comes first, then one section per row, in row order.
@@ -265,6 +303,11 @@ def test_demo_runs_its_preset_and_reruns_in_place(tmp_path, monkeypatch, capsys)
         assert f"tensorboard --logdir {out / 'tb'}" in stdout
         rows = [line for line in stdout.splitlines() if line.startswith("| ")]
         names = [r.split("|")[1].strip() for r in rows[1:]]
+        # A legend under the table explains every abbreviated column it has.
+        header = [c.strip() for c in rows[0].strip("|").split("|")]
+        for column in ("test acc", "DP ε", "best ε_lb", "dropped / clipped"):
+            assert column in header and f"\n{column}: " in stdout, column
+        assert "\n<attack> AUC: " in stdout
         assert names[:3] == ["no defence", "dp-sgd ε=8", "gnq-drop q=0.9"]
         assert re.fullmatch(r"gnq-drop budget=p90 \([0-9.e+-]+ nats\)", names[3]), names[3]
     assert sorted(p.name for p in (out / "tb").iterdir()) == [

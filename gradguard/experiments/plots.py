@@ -6,6 +6,7 @@ nothing here touches pyplot's global state or the process-wide backend choice.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -14,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from gradguard._io import atomic_write_bytes
 from gradguard.audit.metrics import roc_auc, roc_curve, tpr_at_fpr
 
-__all__ = ["plot_privacy_utility", "plot_roc"]
+__all__ = ["plot_privacy_utility", "plot_roc", "roc_figure"]
 
 _PRIVACY_UTILITY_KEYS = ("name", "test_accuracy", "auc", "tpr_at_1pct_fpr")
 
@@ -34,9 +36,9 @@ def _save(figure: Any, path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ValueError(f"path must end in .png, got {str(target)!r}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, format="png")
-    return target
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return atomic_write_bytes(target, buffer.getvalue())
 
 
 def plot_roc(
@@ -64,9 +66,18 @@ def plot_roc(
         ValueError: if ``curves`` is empty, a score set is empty/non-finite, or ``path``
             is not a ``.png``.
     """
+    return _save(roc_figure(curves, log_scale=log_scale, title=title), path)
+
+
+def roc_figure(curves: Mapping[str, tuple[Any, Any]], *, log_scale: bool = False,
+               title: str | None = None) -> Any:
+    """The figure :func:`plot_roc` writes (a ``matplotlib.figure.Figure``); same arguments.
+
+    The legend sits below the axes, so it never covers a curve.
+    """
     if not curves:
         raise ValueError("curves is empty: pass {attack name: (member_scores, nonmember_scores)}")
-    figure = _new_figure(5.5, 5.0)
+    figure = _new_figure(5.5, 5.6 + 0.2 * len(curves))
     axes = figure.subplots()
     smallest_fpr = 1.0
     for name, pair in curves.items():
@@ -101,8 +112,10 @@ def plot_roc(
     axes.set_ylabel("true positive rate (members found)")
     axes.set_title(title or f"Membership inference ROC ({'log-log' if log_scale else 'linear'})")
     axes.grid(True, which="major", alpha=0.3)
-    axes.legend(loc="lower right", fontsize="small")
-    return _save(figure, path)
+    # Below the axes, never on them: inside, a legend of several rows hides the curves.
+    figure.legend(*axes.get_legend_handles_labels(), loc="outside lower center",
+                  fontsize="small")
+    return figure
 
 
 def plot_privacy_utility(

@@ -14,16 +14,25 @@ puts the comparison table and its figures first.
 
 ``report.md`` references its figures as PNG files in ``report_files/``; ``report.html`` is
 self-contained, with the same figures embedded as base64 PNG.
+
+A run directory is untrusted input: the report never reads through a symbolic link (a
+linked ``summary.json``, state file, event file, figure or run directory is skipped with a
+warning, so nothing outside the directory can be embedded), never writes through one (every
+output is written atomically, which replaces a link rather than its target), and names the
+file and the reason when a JSON file is not UTF-8, not JSON or not an object. Text that comes
+from the run (row names, settings) is escaped in both report.md and report.html.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +41,36 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["RunRecord", "find_runs", "load_run", "write_report"]
+from gradguard._io import atomic_write_bytes, atomic_write_text
+from gradguard.formatting import format_number, format_table
+from gradguard.tensorboard import TAGS
+
+__all__ = ["RunRecord", "find_runs", "load_run", "runs_table", "write_report"]
 
 _SUMMARY = "summary.json"
 _STATE = "gradguard_state.pt"
-_GNQ_TAGS = ("gradguard/gnq/mean", "gradguard/gnq/p50", "gradguard/gnq/p95", "gradguard/gnq/max")
-_DISCLOSURE_TAGS = ("gradguard/disclosure/max", "gradguard/disclosure/mean")
-_POLICY_TAGS = ("gradguard/policy/dropped", "gradguard/policy/clipped",
-                "gradguard/policy/censored_total")
+_GNQ_TAGS = (TAGS["gnq_mean"], TAGS["gnq_p50"], TAGS["gnq_p95"], TAGS["gnq_max"])
+_DISCLOSURE_TAGS = (TAGS["disclosure_max"], TAGS["disclosure_mean"])
+_POLICY_TAGS = (TAGS["dropped"], TAGS["clipped"])
+
+
+def _linked(path: Path) -> bool:
+    """Whether reading ``path`` would go through a symbolic link (warns when it would).
+
+    A run directory may come from anyone: a link could point at any file on this machine,
+    which the self-contained report.html would then embed. Links are skipped, never followed.
+    """
+    if path.is_symlink():
+        warnings.warn(f"gradguard report: skipping {str(path)!r}: it is a symbolic link, and "
+                      "the report reads only regular files inside the run directory",
+                      RuntimeWarning, stacklevel=3)
+        return True
+    return False
+
+
+def _regular_file(path: Path) -> bool:
+    """``path`` exists as a regular file that is not a link (links warn)."""
+    return not _linked(path) and path.is_file()
 
 
 @dataclass
@@ -83,19 +114,26 @@ def find_runs(path: str | os.PathLike[str]) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"{str(root)!r} is not a directory: pass the log_dir of a "
                                 "GradGuard run or the --out directory of gradguard compare")
-    if (root / _SUMMARY).is_file():
+    if _regular_file(root / _SUMMARY):
         return [root]
-    comparisons = [root] if (root / "tb").is_dir() else sorted(
-        (p for p in root.glob("seed_*") if (p / "tb").is_dir()),
+
+    def directory(p: Path) -> bool:
+        return not _linked(p) and p.is_dir()
+
+    def is_run(p: Path) -> bool:
+        return directory(p) and _regular_file(p / _SUMMARY)
+
+    comparisons = [root] if directory(root / "tb") else sorted(
+        (p for p in root.glob("seed_*") if directory(p) and directory(p / "tb")),
         key=lambda p: (int(p.name[5:]) if p.name[5:].isdigit() else math.inf, p.name))
     runs: list[Path] = []
     for comparison in comparisons:
-        found = [p for p in sorted((comparison / "tb").glob("*")) if (p / _SUMMARY).is_file()]
+        found = [p for p in sorted((comparison / "tb").glob("*")) if is_run(p)]
         order = _row_order(comparison)
         rank = {name: i for i, name in enumerate(order)}
         runs += sorted(found, key=lambda p: (rank.get(p.name, len(rank)), p.name))
     if not runs:
-        runs = [p for p in sorted(root.glob("*")) if (p / _SUMMARY).is_file()]
+        runs = [p for p in sorted(root.glob("*")) if is_run(p)]
     if not runs:
         raise FileNotFoundError(
             f"no guarded run in {str(root)!r}: expected {_SUMMARY} (written by GradGuard.close() "
@@ -129,24 +167,21 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunRecord:
         A :class:`RunRecord`.
 
     Raises:
-        FileNotFoundError: no ``summary.json``.
-        ValueError: ``summary.json`` or ``gradguard_state.pt`` cannot be parsed.
+        FileNotFoundError: no ``summary.json`` (or only a symbolic link by that name).
+        ValueError: ``summary.json`` is not a UTF-8 JSON object, or ``gradguard_state.pt``
+            cannot be parsed.
     """
     from gradguard.ledger import DisclosureLedger
 
     path = Path(run_dir)
     summary_path = path / _SUMMARY
-    if not summary_path.is_file():
+    summary = _read_json(summary_path)
+    if summary is None:
         raise FileNotFoundError(f"{str(summary_path)!r} not found: is {str(path)!r} the log_dir "
                                 "of a GradGuard run that was closed (guard.close())?")
-    try:
-        with open(summary_path) as f:
-            summary = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(summary_path)!r} is not valid JSON ({err})") from err
     ledger = None
     state_path = path / _STATE
-    if state_path.is_file():
+    if _regular_file(state_path):
         try:
             # weights_only: the state is tensors only, and nothing else may be unpickled.
             state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -160,8 +195,9 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunRecord:
 
 
 def _read_scalars(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    if not any(path.glob("events.out.tfevents.*")):
-        return {}
+    events = list(path.glob("events.out.tfevents.*"))
+    if any([_linked(p) for p in events]) or not events:
+        return {}  # the accumulator would follow a link: read no event file then
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
@@ -188,6 +224,13 @@ def _figure(width: float, height: float) -> Any:
     return figure
 
 
+def _save_png(figure: Any, path: Path) -> None:
+    """Render to memory, then write atomically (replacing a link at ``path``, never its target)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def _bound_histogram(run: RunRecord, path: Path) -> bool:
     if run.ledger is None:
         return False
@@ -203,7 +246,7 @@ def _bound_histogram(run: RunRecord, path: Path) -> bool:
     axes.set_ylabel("examples (log scale)")
     axes.set_title(f"{run.name}: per-example cumulative bounds ({bounds.size} examples)")
     axes.grid(True, alpha=0.3)
-    figure.savefig(path, format="png")
+    _save_png(figure, path)
     return True
 
 
@@ -223,13 +266,15 @@ def _series_plot(run: RunRecord, tags: Sequence[str], path: Path, *, title: str,
     axes.set_ylabel(ylabel)
     axes.set_title(f"{run.name}: {title}")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.savefig(path, format="png")
+    figure.legend(fontsize="small", loc="outside lower center", ncols=len(present))
+    _save_png(figure, path)
     return True
 
 
 def _curvature_plot(run: RunRecord, path: Path) -> bool:
-    history = [h for h in run.summary.get("curvature_history", []) if "step" in h]
+    history = run.summary.get("curvature_history")
+    history = [h for h in (history if isinstance(history, list) else [])
+               if isinstance(h, Mapping) and "step" in h]
     if not history:
         return False
     steps = [h["step"] for h in history]
@@ -248,11 +293,13 @@ def _curvature_plot(run: RunRecord, path: Path) -> bool:
     twin.set_ylim(0.0, 1.0)
     lines = axes.get_legend_handles_labels()
     twin_lines = twin.get_legend_handles_labels()
-    axes.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize="small")
+    # Below the axes: inside, the legend covers the curves.
+    figure.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize="small",
+                  loc="outside lower center", ncols=3)
     direction = history[-1].get("direction", "lower")
     axes.set_title(f"{run.name}: curvature probe ({direction} curvature = member)")
     axes.grid(True, alpha=0.3)
-    figure.savefig(path, format="png")
+    _save_png(figure, path)
     return True
 
 
@@ -276,11 +323,11 @@ def _run_sections(run: RunRecord, files_dir: Path, top_k: int,
     from gradguard.ledger import BOUND_ASSUMPTIONS
 
     out = [_Section("h2", f"Run `{run.name}`"), _Section("p", f"Directory: `{run.path}`")]
-    config = run.summary.get("config", {})
+    config = _mapping(run.summary.get("config"))
     if config:
         out.append(_Section("p", "Settings: " + ", ".join(
-            f"{k} = {v}" for k, v in config.items())))
-    summary = run.summary.get("summary", {})
+            f"{k} = {format_number(v)}" for k, v in config.items())))
+    summary = _mapping(run.summary.get("summary"))
     if summary:
         names = {"step": "optimizer steps", "examples_seen": "examples seen",
                  "max_bound": "largest cumulative bound (nats)",
@@ -354,28 +401,36 @@ def _run_sections(run: RunRecord, files_dir: Path, top_k: int,
     return out
 
 
-def _number(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return "–"
-        if value == int(value) and abs(value) < 1e9:
-            return str(int(value))
-        return f"{value:.4g}"
-    return str(value)
+_number = format_number
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """A section of summary.json, or {} when the file holds something else there."""
+    return value if isinstance(value, Mapping) else {}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+    """A JSON object file of the run directory, or None when absent (or a link, skipped).
+
+    Raises:
+        ValueError: the file is not UTF-8, not JSON, or not a JSON object; the message names
+            the file and says which.
+    """
+    if not _regular_file(path):
         return None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {err.start}): it is not a "
+                         "file gradguard wrote; restore or delete it") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); restore or delete it") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(value).__name__}, not the JSON object "
+                         "gradguard writes; restore or delete it")
+    return value
 
 
 def _comparison_sections(root: Path, results: Mapping[str, Any], *,
@@ -383,22 +438,24 @@ def _comparison_sections(root: Path, results: Mapping[str, Any], *,
     from gradguard.experiments.compare import markdown_table
 
     out = [_Section("h2", title)]
-    rows = results.get("rows", [])
+    rows = [r for r in results.get("rows", []) if isinstance(r, Mapping) and "name" in r]
     if rows:
-        out.append(_Section("markdown_table", markdown_table(rows)))
+        # Row names come from the run directory: escaped so they cannot inject HTML or cells.
+        safe = [{**r, "name": _md_escape(str(r["name"]))} for r in rows]
+        out.append(_Section("markdown_table", markdown_table(safe)))
     notes = results.get("notes", [])
     if notes:
         out.append(_Section("list", list(notes)))
     for name, caption in (("privacy_utility.png", "Privacy vs utility (strongest attack per row)."),
                           *[(f"roc_{a}_log.png", f"{a}: log-log ROC, one curve per row.")
                             for a in results.get("attacks", [])]):
-        if (root / name).is_file():
+        if _regular_file(root / name):
             out.append(_Section("image", (root / name, caption)))
     return out
 
 
 def write_report(path: str | os.PathLike[str], *, out_dir: str | os.PathLike[str] | None = None,
-                 top_k: int = 20) -> dict[str, Path]:
+                 top_k: int = 20) -> dict[str, Any]:
     """Write ``report.md`` and ``report.html`` for a guarded run or a comparison.
 
     Args:
@@ -407,11 +464,13 @@ def write_report(path: str | os.PathLike[str], *, out_dir: str | os.PathLike[str
         top_k: rows of each most-disclosing-examples table.
 
     Returns:
-        ``{"markdown": path, "html": path}``.
+        ``{"markdown": path, "html": path, "text": summary}``: the two files written, and
+        a plain-text summary (the comparison table if any, then one row per run) for the
+        terminal.
 
     Raises:
         FileNotFoundError: no run found at ``path``.
-        ValueError: ``top_k`` < 1 or an unreadable run file.
+        ValueError: ``top_k`` < 1, an unreadable run file, or ``report_files`` is a link.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
@@ -419,6 +478,9 @@ def write_report(path: str | os.PathLike[str], *, out_dir: str | os.PathLike[str
     runs = [load_run(p) for p in find_runs(root)]
     out = Path(out_dir) if out_dir is not None else root
     files_dir = out / "report_files"
+    if files_dir.is_symlink():
+        raise ValueError(f"{str(files_dir)!r} is a symbolic link: the report writes its figures "
+                         "only into a real directory; remove the link")
     files_dir.mkdir(parents=True, exist_ok=True)
 
     sections = [_Section("h1", f"gradguard report: {root}")]
@@ -439,37 +501,79 @@ def write_report(path: str | os.PathLike[str], *, out_dir: str | os.PathLike[str
         sections += _run_sections(run, files_dir, top_k, canaries)
 
     md_path, html_path = out / "report.md", out / "report.html"
-    md_path.write_text(_markdown(sections, out))
-    html_path.write_text(_html(sections, f"gradguard report: {root}"))
-    return {"markdown": md_path, "html": html_path}
+    atomic_write_text(md_path, _markdown(sections, out))
+    atomic_write_text(html_path, _html(sections, f"gradguard report: {root}"))
+    return {"markdown": md_path, "html": html_path, "text": runs_table(runs)}
+
+
+_RUN_COLUMNS = (("step", "steps"), ("examples_seen", "examples"), ("max_bound", "max bound"),
+                ("mean_bound", "mean bound"), ("max_gnq", "max GNQ"),
+                ("dropped_total", "dropped"), ("clipped_total", "clipped"),
+                ("censored_total", "censored"))
+
+#: Meaning of each column of :func:`runs_table`.
+RUNS_TABLE_LEGEND = {
+    "steps": "optimizer steps",
+    "examples": "training examples seen at least once",
+    "max bound / mean bound": "largest / mean cumulative bound Σ½ln(1+GNQ) over examples, nats",
+    "max GNQ": "largest per-example gradient uniqueness at one step",
+    "dropped / clipped": "example-steps the policy dropped / down-weighted",
+    "censored": "examples a budget excluded from further updates",
+}
+
+
+def runs_table(runs: Sequence[RunRecord]) -> str:
+    """One aligned row per run of its summary numbers (3 significant digits).
+
+    Args:
+        runs: the runs, as :func:`load_run` returns them.
+
+    Returns:
+        The table, without a trailing newline.
+    """
+    header = ["run"] + [label for _, label in _RUN_COLUMNS]
+    rows = []
+    for run in runs:
+        numbers = _mapping(run.summary.get("summary"))
+        rows.append([run.name] + [_plain(numbers.get(key)) for key, _ in _RUN_COLUMNS])
+    return format_table(header, rows)
+
+
+def _plain(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _markdown(sections: Sequence[_Section], base: Path) -> str:
     lines: list[str] = []
     for s in sections:
         if s.kind in ("h1", "h2", "h3"):
-            lines += ["#" * int(s.kind[1]) + " " + s.content, ""]
+            lines += ["#" * int(s.kind[1]) + " " + _md_escape(s.content), ""]
         elif s.kind == "p":
-            lines += [s.content, ""]
+            lines += [_md_escape(s.content), ""]
         elif s.kind == "list":
-            lines += [f"- {item}" for item in s.content] + [""]
+            lines += [f"- {_md_escape(item)}" for item in s.content] + [""]
         elif s.kind == "markdown_table":
             lines += [s.content, ""]
         elif s.kind == "table":
             header, rows = s.content
-            lines.append("| " + " | ".join(header) + " |")
+            lines.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
             lines.append("|" + "|".join("---" for _ in header) + "|")
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
             lines.append("")
         elif s.kind == "image":
             target, caption = s.content
             rel = os.path.relpath(target, base)
+            caption = _md_escape(caption)
             lines += [f"![{caption}]({Path(rel).as_posix()})", "", f"*{caption}*", ""]
     return "\n".join(lines)
 
 
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|")
+def _md_escape(text: Any) -> str:
+    """Markdown text that renders as written: raw HTML escaped, ``|`` kept out of tables."""
+    return html.escape(str(text), quote=False).replace("|", "\\|")
+
+
+_md_cell = _md_escape
 
 
 def _html(sections: Sequence[_Section], title: str) -> str:
@@ -488,6 +592,8 @@ def _html(sections: Sequence[_Section], title: str) -> str:
             body.append(_html_table(header, rows))
         elif s.kind == "image":
             target, caption = s.content
+            if _linked(Path(target)):
+                continue
             data = base64.b64encode(Path(target).read_bytes()).decode("ascii")
             body.append(f'<figure><img alt="{html.escape(caption)}" '
                         f'src="data:image/png;base64,{data}"/>'
@@ -517,6 +623,8 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _markdown_table_to_html(table: str) -> str:
+    """Markdown table to HTML; cells escaped with :func:`_md_escape` are unescaped first."""
     lines = [line.strip() for line in table.strip().splitlines()]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    cells = [[html.unescape(c.strip().replace("\\|", "|"))
+              for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])] for line in lines]
     return _html_table(cells[0], cells[2:])
