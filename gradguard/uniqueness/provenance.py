@@ -1,0 +1,234 @@
+"""Which tensors of a forward pass carry the batch: traced from the model's inputs, not
+guessed from sizes.
+
+A layer's per-example gradients are only defined when its output's rows belong to
+examples. Guessing that from sizes ("the first dimension equals B") is silently wrong
+when a tensor shared by the whole batch happens to have B rows (a ``[T, d]`` positional
+table with T == B). :class:`BatchTracker` is a ``TorchFunctionMode`` that GramHooks runs
+during the model's forward: every tensor computed from the model's inputs is *batched*
+(with its batch dimension, where the op says where it went); tensors computed only from
+parameters, buffers and constants (``torch.arange``) are not. A guarded layer whose
+inputs are all unbatched is *shared*: its output does not depend on the batch, so its
+output gradient arrives summed over examples. The tracker watches how that output meets
+the batch:
+
+- row-aligned with a batched tensor (``emb(ids.expand(B, T)) + x``): its rows belong to
+  examples, exact as it is;
+- broadcast into a batched tensor by an addition (``x + wpe(arange(T))``, Hugging Face's
+  ``[1, T]`` position ids): the gradient of the sum is the per-example gradient of the
+  broadcast copy, so it is attributed exactly (see :class:`SharedOutput`);
+- anything else (a product, a matmul, used twice, reaching the loss on its own): no
+  per-example attribution exists, and the tracker refuses, naming the layer, the cause
+  and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["BatchTracker", "SharedOutput", "UnsupportedLayerError"]
+
+
+class UnsupportedLayerError(RuntimeError):
+    """A layer whose per-example gradients gradguard cannot compute correctly."""
+
+
+_ADD = {"add", "add_", "__add__", "__radd__", "__iadd__"}
+_SUB = {"sub", "sub_", "subtract", "__sub__", "__isub__"}
+_TRANSPOSE = {"transpose", "transpose_", "swapaxes", "swapdims"}
+# Elementwise ops: a shared tensor whose rows meet a batched tensor's rows one to one
+# (same shape, batch first) through one of these gives each example its own row.
+_ELEMENTWISE = _ADD | _SUB | {
+    "__rsub__", "mul", "mul_", "multiply", "__mul__", "__rmul__", "__imul__", "div", "div_",
+    "divide", "true_divide", "__truediv__", "__rtruediv__", "__itruediv__", "where",
+    "maximum", "minimum", "addcmul", "addcdiv", "lerp"}
+
+
+@dataclass
+class SharedOutput:
+    """Output ``k`` of a guarded layer call whose inputs do not depend on the batch.
+
+    Attributes:
+        path: the layer's name in the model, for messages.
+        call: the hooks' record of the call.
+        k: which of the call's flattened outputs.
+        uses: operations that consumed the output so far.
+        resolution: ``None`` (not met the batch yet), ``"aligned"`` (rows are examples) or
+            ``"broadcast"`` (added, broadcast, to a batched tensor: attributed).
+    """
+
+    path: str
+    call: object
+    k: int
+    uses: int = 0
+    resolution: str | None = None
+    derived: list = field(default_factory=list)
+
+
+def _tensors(args, kwargs) -> list[torch.Tensor]:
+    out = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif type(a) in (tuple, list):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+def _dim_of_size(t: torch.Tensor, size: int) -> int | None:
+    """The only dimension of ``t`` with this size, else None."""
+    dims = [d for d, s in enumerate(t.shape) if s == size]
+    return dims[0] if len(dims) == 1 else None
+
+
+class BatchTracker(TorchFunctionMode):
+    """Trace which tensors carry the batch during one forward pass (see the module doc).
+
+    Args:
+        batch_size: B, the examples in the forward.
+        on_broadcast: ``fn(shared, out, sign, lead)`` called when a shared output is added,
+            broadcast, to a batched tensor ``out``: the per-example gradient of the shared
+            output is ``sign · ∂L/∂out``, and ``lead`` leading dimensions were broadcast.
+    """
+
+    def __init__(self, batch_size: int, on_broadcast: Callable):
+        super().__init__()
+        self.batch_size = batch_size
+        self.on_broadcast = on_broadcast
+        self._dims = WeakIdKeyDictionary()  # batched tensor -> its batch dimension or None
+        self._shared = WeakIdKeyDictionary()  # tensor -> (SharedOutput, direct?)
+        self.outputs: list[SharedOutput] = []
+
+    # ------------------------------------------------------------------ queries
+    def mark_batched(self, t: torch.Tensor, dim: int | None) -> None:
+        self._dims[t] = dim
+
+    def is_batched(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and t in self._dims
+
+    def batch_dim(self, t: torch.Tensor) -> int | None:
+        """The batch dimension of a batched tensor: traced, else the only dimension of size
+        B; None when neither tells (several dimensions of size B)."""
+        d = self._dims.get(t)
+        if d is None and t.dim() > 0:
+            if t.shape[0] == self.batch_size and t.dim() == 1:
+                return 0
+            d = _dim_of_size(t, self.batch_size)
+        return d
+
+    def add_shared(self, path: str, call, outputs: list) -> None:
+        for k, o in enumerate(outputs):
+            if isinstance(o, torch.Tensor):
+                rec = SharedOutput(path, call, k)
+                self.outputs.append(rec)
+                self._shared[o] = (rec, True)
+
+    # ------------------------------------------------------------------ tracing
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ins = _tensors(args, kwargs)
+        if not ins:
+            return out
+        batched = [t for t in ins if t in self._dims]
+        shared = [t for t in ins if t in self._shared]
+        if not batched and not shared:
+            return out
+        outs = [out] if isinstance(out, torch.Tensor) else \
+            [o for o in out if isinstance(o, torch.Tensor)] if type(out) in (tuple, list) else []
+        if not outs or all(any(o is t for t in ins) for o in outs) and not batched:
+            return out  # a query (shape, dtype) or a no-op returning its input (.to)
+        name = getattr(func, "__name__", str(func))
+        if batched:
+            src = next((t for t in batched if self._dims.get(t) is not None), batched[0])
+            for o in outs:
+                self._dims[o] = self._out_dim(name, args, src, o)
+            for t in shared:
+                self._consume(name, t, args, kwargs, outs)
+        else:
+            for t in shared:
+                rec, _ = self._shared[t]
+                rec.uses += 1
+                for o in outs:
+                    if o is not t:
+                        self._shared[o] = (rec, False)
+        return out
+
+    def _out_dim(self, name: str, args, src: torch.Tensor, o: torch.Tensor) -> int | None:
+        B, d = self.batch_size, self._dims.get(src)
+        if d is None:
+            return _dim_of_size(o, B)
+        nd = src.dim()
+        if name in _TRANSPOSE and len(args) >= 3 and all(isinstance(a, int) for a in args[1:3]):
+            a, b = (x % nd for x in args[1:3])
+            return b if d == a else a if d == b else d
+        if name == "t" and nd == 2:
+            return 1 - d
+        if name == "permute":
+            perm = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            perm = [p % nd for p in perm]
+            return perm.index(d) if d in perm else None
+        if o.dim() == nd and o.shape[d] == B:
+            return d
+        if d == 0 and o.dim() > 0 and o.shape[0] == B:
+            return 0
+        right = o.dim() - nd + d
+        if 0 <= right < o.dim() and o.shape[right] == B:
+            return right
+        return None
+
+    def _consume(self, name: str, t: torch.Tensor, args, kwargs, outs) -> None:
+        rec, direct = self._shared[t]
+        o = outs[0]
+        B = self.batch_size
+        where = f"by `{name}`"
+        if not direct:
+            self._refuse(rec, f"it meets the batch after other operations ({where})")
+        if rec.uses or rec.resolution is not None or len(outs) != 1 or o is t:
+            self._refuse(rec, f"it is used more than once, or in place ({where})")
+        rec.uses += 1
+        lead = o.dim() - t.dim()
+        if self._dims.get(o) != 0 or o.shape[0] != B or lead < 0:
+            self._refuse(rec, f"it is combined with the batch {where} in a way that keeps no "
+                              "batch dimension first")
+        if lead == 0 and t.shape[0] == B and name in _ELEMENTWISE and t.shape == o.shape:
+            rec.resolution = "aligned"  # rows meet rows: row i belongs to example i
+            return
+        sign = self._sign(name, t, args, kwargs)
+        broadcast = o.shape[lead + 1:] == t.shape[1:] and t.shape[0] in (1, o.shape[lead])
+        if sign is None or not broadcast or (lead == 0 and t.shape[0] != 1):
+            self._refuse(rec, f"it is broadcast over the batch {where}, which has no "
+                              "per-example attribution (only a broadcast addition has)")
+        rec.resolution = "broadcast"
+        self.on_broadcast(rec, o, sign, lead)
+
+    @staticmethod
+    def _sign(name: str, t: torch.Tensor, args, kwargs) -> float | None:
+        alpha = kwargs.get("alpha", 1)
+        if name in _ADD:
+            return float(alpha)
+        if name in _SUB:
+            return 1.0 if args and args[0] is t else -float(alpha)
+        if name == "__rsub__":  # args[1] - args[0]
+            return -1.0 if args and args[0] is t else 1.0
+        return None
+
+    @staticmethod
+    def _refuse(rec: SharedOutput, cause: str):
+        raise UnsupportedLayerError(
+            f"layer '{rec.path}' computes an output that does not depend on the batch (its "
+            "inputs are parameters, buffers or constants such as torch.arange), so its "
+            f"gradient arrives summed over examples, and {cause}. gradguard cannot attribute "
+            "that gradient to examples. Fix: give the layer per-example inputs (e.g. positions "
+            "expanded to [B, T] with .expand(B, -1)), or add its output directly to a batched "
+            "tensor (x + layer(positions)), which gradguard attributes exactly."
+        )
+
+    def unresolved(self) -> list[SharedOutput]:
+        """Shared outputs that never met the batch (checked when they receive gradient)."""
+        return [r for r in self.outputs if r.resolution is None]

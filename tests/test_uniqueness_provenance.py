@@ -1,0 +1,171 @@
+"""Batch dimensions traced from the model's inputs, not guessed from sizes (T == B cases
+included: that is where guessing was silently wrong), against torch.func per-example
+gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradguard.uniqueness.gnq import gnq_from_grads
+from gradguard.uniqueness.hooks import GramHooks, UnsupportedLayerError, per_example_gnq
+from tests.reference import ce_sum, per_example_grads, rel_err
+
+F64 = torch.float64
+STRATEGIES = ("auto", "ghost", "materialise")
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+class BroadcastPositions(nn.Module):
+    """Hugging Face style: positions [1, T] (or nanoGPT style [T]) broadcast over the batch."""
+
+    def __init__(self, nanogpt=False, vocab=11, dim=5, max_len=8):
+        super().__init__()
+        self.nanogpt = nanogpt
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(max_len, dim)
+        self.pos_proj = nn.Linear(dim, dim)  # a shared Linear, broadcast-added too
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        positions = torch.arange(T) if self.nanogpt else torch.arange(T).unsqueeze(0)
+        h = self.tok(ids) + self.pos(positions)
+        h = torch.tanh(h) - self.pos_proj(torch.linspace(0, 1, T * 5, dtype=h.dtype).view(T, 5))
+        return self.head(torch.tanh(h).mean(1))
+
+
+class TableMix(nn.Module):
+    """A custom layer (torch.func fallback) that takes a table shared by the batch."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(dim, generator=gen(0)))
+
+    def forward(self, x, table):
+        return torch.tanh(x * self.w + table)
+
+
+class SharedTableModel(nn.Module):
+    def __init__(self, T, dim=4):
+        super().__init__()
+        self.inp = nn.Linear(3, dim)
+        self.mix = TableMix(dim)
+        self.register_buffer("table", torch.randn(T, dim, generator=gen(1)))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        return self.head(self.mix(self.inp(x), self.table).mean(1))
+
+
+class Elementwise(nn.Module):
+    """A custom per-position layer (torch.func fallback)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(dim, generator=gen(2)))
+
+    def forward(self, x):
+        return torch.tanh(x * self.w)
+
+
+class TimeFirstModel(nn.Module):
+    """Batch-first inputs, time-first layers inside: the batch is dimension 1 there."""
+
+    def __init__(self, dim=4):
+        super().__init__()
+        self.inp = nn.Linear(3, dim)
+        self.elem = Elementwise(dim)
+        self.mid = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.elem(self.inp(x).transpose(0, 1))  # [T, B, d]
+        h = torch.tanh(self.mid(h))
+        return self.head(h.transpose(0, 1).mean(1))
+
+
+def check_exact(model, x, y, tol=1e-9):
+    model = model.to(F64)
+    ref = gnq_from_grads(per_example_grads(model, ce_sum, x, y), 1e-2)
+    for strategy in STRATEGIES:
+        got = per_example_gnq(model, ce_sum, x, y, 1e-2, strategy=strategy)
+        assert rel_err(got, ref) < tol, strategy
+
+
+@pytest.mark.parametrize("nanogpt", [False, True])
+@pytest.mark.parametrize("B,T", [(4, 4), (3, 6), (5, 2)])
+def test_positions_broadcast_over_the_batch_are_attributed_exactly(nanogpt, B, T):
+    torch.manual_seed(B * 10 + T)
+    ids = torch.randint(0, 11, (B, T), generator=gen(B + T))
+    check_exact(BroadcastPositions(nanogpt=nanogpt), ids, torch.randint(0, 3, (B,)))
+
+
+@pytest.mark.parametrize("B,T", [(5, 5), (4, 6)])
+def test_table_shared_by_the_batch_is_not_read_as_batched(B, T):
+    # T == B: the old size rule read the [T, d] table as one row per example (157–216% off).
+    torch.manual_seed(0)
+    x = torch.randn(B, T, 3, generator=gen(3), dtype=F64)
+    check_exact(SharedTableModel(T), x, torch.randint(0, 3, (B,), generator=gen(4)))
+
+
+@pytest.mark.parametrize("B,T", [(4, 4), (3, 5)])
+def test_time_first_layers_use_the_traced_batch_dimension(B, T):
+    # T == B: [T, B, d] read as batch-first was 23% off; T != B failed inside vmap.
+    torch.manual_seed(1)
+    x = torch.randn(B, T, 3, generator=gen(5), dtype=F64)
+    check_exact(TimeFirstModel(), x, torch.randint(0, 3, (B,), generator=gen(6)))
+
+
+def test_gramhooks_in_a_training_step_with_mean_loss():
+    torch.manual_seed(2)
+    model = BroadcastPositions(nanogpt=True).to(F64)
+    ids = torch.randint(0, 11, (4, 4), generator=gen(7))
+    y = torch.randint(0, 3, (4,), generator=gen(8))
+    ref = per_example_grads(model, ce_sum, ids, y)
+    hooks = GramHooks(model, loss_reduction="mean")
+    torch.nn.functional.cross_entropy(model(ids), y).backward()
+    assert rel_err(hooks.gram(), ref @ ref.T) < 1e-9
+    w = torch.rand(4, generator=gen(9), dtype=F64)
+    got = torch.cat([hooks.weighted_grads(w)[p].reshape(-1) for p in model.parameters()])
+    assert rel_err(got, w @ ref) < 1e-9
+    hooks.remove()
+
+
+class MatmulTable(nn.Module):
+    def __init__(self, T=4, dim=4):
+        super().__init__()
+        self.table = nn.Linear(T, dim)  # its output [T, dim] is used as a matrix
+        self.inp = nn.Linear(3, T)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        return self.head(self.inp(x) @ self.table(torch.eye(4, dtype=x.dtype)))
+
+
+class Regularised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 3)
+        self.prior = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.body(x) + 0 * x.sum(), self.prior(torch.ones(1, 2, dtype=x.dtype))
+
+
+def test_shared_output_without_per_example_attribution_is_refused():
+    x = torch.randn(4, 3, dtype=F64)
+    with pytest.raises(UnsupportedLayerError, match=r"'table'.*does not depend on the batch.*"
+                                                    r"`matmul`.*Fix"):
+        per_example_gnq(MatmulTable().to(F64), ce_sum, x, torch.randint(0, 3, (4,)))
+
+    def loss(out, y):  # a batch-level term that is no example's own
+        logits, prior = out
+        return ce_sum(logits, y) + prior.sum()
+
+    with pytest.raises(UnsupportedLayerError, match=r"'prior'.*reaches the loss without"):
+        per_example_gnq(Regularised().to(F64), loss, x, torch.randint(0, 3, (4,)))
