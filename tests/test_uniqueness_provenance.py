@@ -169,3 +169,41 @@ def test_shared_output_without_per_example_attribution_is_refused():
 
     with pytest.raises(UnsupportedLayerError, match=r"'prior'.*reaches the loss without"):
         per_example_gnq(Regularised().to(F64), loss, x, torch.randint(0, 3, (4,)))
+
+
+def _live_calls() -> int:
+    import gc
+
+    from gradguard.uniqueness.kernels import LayerCall
+
+    gc.collect()
+    return sum(isinstance(o, LayerCall) for o in gc.get_objects())
+
+
+def test_forwards_that_never_reach_backward_do_not_accumulate():
+    # An eval loop with grad enabled (model.eval() does not disable it) used to keep every
+    # forward's captures until the next optimizer step: 744 → 1048 MB in 300 passes.
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), Elementwise(4), nn.Linear(4, 3)).to(F64)
+    hooks = GramHooks(model, loss_reduction="sum")
+    before = _live_calls()
+    model.eval()
+    for _ in range(50):
+        model(torch.randn(4, 3, dtype=F64))
+    assert _live_calls() == before
+    assert sum(len(v) for v in hooks._calls.values()) == 0 and not hooks._workspaces
+    model.train()
+    ids, y = torch.randn(4, 3, generator=gen(10), dtype=F64), torch.randint(0, 3, (4,))
+    ce_sum(model(ids), y).backward()
+    ref = per_example_grads(model, ce_sum, ids, y)
+    assert rel_err(hooks.gram(), ref @ ref.T) < 1e-9
+    hooks.remove()
+
+
+def test_a_refused_forward_leaves_no_tracing_behind():
+    model = MatmulTable().to(F64)
+    hooks = GramHooks(model, loss_reduction="sum")
+    with pytest.raises(UnsupportedLayerError):
+        model(torch.randn(4, 3, dtype=F64))
+    assert not torch.overrides._get_current_function_mode_stack()
+    hooks.remove()
