@@ -33,7 +33,7 @@ from .kernels import (
     kernel_for,
 )
 from .kernels.base import _gram_of
-from .provenance import BatchTracker, SharedOutput, UnsupportedLayerError
+from .provenance import MERGED, BatchTracker, SharedOutput, UnsupportedLayerError
 
 __all__ = ["GramHooks", "per_example_gnq", "UnsupportedLayerError"]
 
@@ -293,13 +293,16 @@ class GramHooks:
             if not tracker.is_batched(t):
                 return None
             d = tracker.batch_dim(t)
-            if d is None:
+            if d == MERGED and isinstance(owner.kernel, _POSITIONWISE):
+                return 0  # [B·T, d] with the batch outermost: read as [B, T, d]
+            if d is None or d == MERGED:
                 raise UnsupportedLayerError(
                     f"layer '{owner.path}' ({type(owner.module).__name__}) gets a batched {role} "
                     f"of shape {tuple(t.shape)} in which gradguard cannot tell the batch "
-                    f"dimension (several dimensions have size B={tracker.batch_size}, and the "
-                    "operations before it do not say which). Use a batch size different from "
-                    "the other dimensions, keep the batch first, or register a kernel for the "
+                    f"dimension (the batch B={tracker.batch_size} is merged into another "
+                    "dimension, or several dimensions have size B and the operations before "
+                    "it do not say which). Keep the batch as its own dimension, use a batch "
+                    "size different from the other dimensions, or register a kernel for the "
                     "layer (gradguard.register_kernel)."
                 )
             return d

@@ -41,6 +41,10 @@ class UnsupportedLayerError(RuntimeError):
 _ADD = {"add", "add_", "__add__", "__radd__", "__iadd__"}
 _SUB = {"sub", "sub_", "subtract", "__sub__", "__isub__"}
 _TRANSPOSE = {"transpose", "transpose_", "swapaxes", "swapdims"}
+_RESHAPE = {"view", "reshape", "flatten", "view_as", "reshape_as", "unflatten", "contiguous"}
+#: The batch is the outermost factor of dimension 0 (``x.view(-1, d)`` of a ``[B, T, d]``
+#: tensor): positionwise layers (Linear, Embedding) can read it as batch-first.
+MERGED = "merged"
 # Elementwise ops: a shared tensor whose rows meet a batched tensor's rows one to one
 # (same shape, batch first) through one of these gives each example its own row.
 _ELEMENTWISE = _ADD | _SUB | {
@@ -111,9 +115,10 @@ class BatchTracker(TorchFunctionMode):
     def is_batched(self, t) -> bool:
         return isinstance(t, torch.Tensor) and t in self._dims
 
-    def batch_dim(self, t: torch.Tensor) -> int | None:
-        """The batch dimension of a batched tensor: traced, else the only dimension of size
-        B; None when neither tells (several dimensions of size B)."""
+    def batch_dim(self, t: torch.Tensor) -> int | str | None:
+        """The batch dimension of a batched tensor: traced (:data:`MERGED`: the outermost
+        factor of dimension 0), else the only dimension of size B; None when neither tells
+        (several dimensions of size B)."""
         d = self._dims.get(t)
         if d is None and t.dim() > 0:
             if t.shape[0] == self.batch_size and t.dim() == 1:
@@ -159,11 +164,21 @@ class BatchTracker(TorchFunctionMode):
                         self._shared[o] = (rec, False)
         return out
 
-    def _out_dim(self, name: str, args, src: torch.Tensor, o: torch.Tensor) -> int | None:
+    def _out_dim(self, name: str, args, src: torch.Tensor, o: torch.Tensor) -> int | str | None:
         B, d = self.batch_size, self._dims.get(src)
         if d is None:
             return _dim_of_size(o, B)
         nd = src.dim()
+        if d == MERGED or (d == 0 and name in _RESHAPE):
+            # Reshapes keep row-major order: the batch stays the outermost factor of dim 0
+            # while B divides it; other ops keep it where they keep dim 0's size.
+            if o.dim() == 0:
+                return None
+            if name in _RESHAPE and o.shape[0] % B == 0:
+                return 0 if o.shape[0] == B else MERGED
+            if d == MERGED:
+                keeps = name not in _TRANSPOSE and name not in ("t", "permute")
+                return MERGED if keeps and o.shape[0] == src.shape[0] else None
         if name in _TRANSPOSE and len(args) >= 3 and all(isinstance(a, int) for a in args[1:3]):
             a, b = (x % nd for x in args[1:3])
             return b if d == a else a if d == b else d
