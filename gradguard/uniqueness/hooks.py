@@ -29,7 +29,6 @@ from .kernels import (
     LayerCall,
     LayerKernel,
     LinearKernel,
-    MultiheadAttentionKernel,
     kernel_for,
 )
 from .kernels.base import _gram_of
@@ -263,10 +262,15 @@ class GramHooks:
                 x = _first_tensor(args, kwargs)
                 batch = x.shape[0] if x is not None and x.dim() > 0 else 1
             else:
-                fid, batch, tracker = self._forward
-                batch = owner.kernel.call_batch_size(m, args, kwargs) or batch
-                if batch != tracker.batch_size:  # the kernel knows better (EmbeddingBag)
+                fid, _, tracker = self._forward
+                batch = owner.kernel.call_batch_size(m, args, kwargs)
+                if batch is None:
+                    batch = tracker.batch_size
+                else:  # the layer defines the examples (EmbeddingBag's bags): so be it
                     tracker.batch_size = batch
+                    for o in outs:
+                        if isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == batch:
+                            tracker.mark_batched(o, 0)
             call = LayerCall(args=_detach(args), kwargs=_detach(kwargs),
                              backprops=[None] * len(outs), offset=0, batch_size=batch,
                              out_template=_detach(output))
@@ -287,6 +291,8 @@ class GramHooks:
         if not any(tracker.is_batched(t) for t in ins):
             tracker.add_shared(owner.path, call, outs)
             call.shared = [r for r in tracker.outputs if r.call is call]
+            return
+        if owner.kernel.own_batch_dims:
             return
 
         def dim(t, role):
@@ -313,7 +319,7 @@ class GramHooks:
                    for k, v in kwargs.items()}
         out_dims = [dim(o, "output") if isinstance(o, torch.Tensor) else None for o in outs]
         call.batch_dims = (arg_dims, kw_dims, out_dims)
-        if isinstance(owner.kernel, (FunctionalKernel, MultiheadAttentionKernel)):
+        if isinstance(owner.kernel, FunctionalKernel):
             return
         first = arg_dims[0] if arg_dims else None
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None

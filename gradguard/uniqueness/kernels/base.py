@@ -88,6 +88,9 @@ class LayerKernel:
     #: the kernel computes gradients for every parameter of the module's subtree
     #: (e.g. MultiheadAttention uses ``out_proj.weight`` without calling ``out_proj``).
     covers_submodules: bool = False
+    #: the kernel reads each input's batch dimension from the layer's own convention
+    #: (MultiheadAttention, RNNs), not from the hooks' trace of the model's inputs.
+    own_batch_dims: bool = False
 
     def per_example_grads(self, module: nn.Module, calls: Sequence[LayerCall], batch_size: int,
                           names: Sequence[str]) -> dict[str, torch.Tensor]:
