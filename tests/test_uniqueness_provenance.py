@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from gradguard.uniqueness.gnq import gnq_from_grads
@@ -207,3 +209,19 @@ def test_a_refused_forward_leaves_no_tracing_behind():
         model(torch.randn(4, 3, dtype=F64))
     assert not torch.overrides._get_current_function_mode_stack()
     hooks.remove()
+
+
+@settings(max_examples=12, deadline=None)
+@given(B=st.integers(1, 5), T=st.integers(1, 5), nanogpt=st.booleans(), seed=st.integers(0, 999))
+def test_property_positions_and_tables_any_sizes(B, T, nanogpt, seed):
+    # Random B and T, T == B among them: exact, never a size-based guess.
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 11, (B, T), generator=gen(seed))
+    y = torch.randint(0, 3, (B,), generator=gen(seed + 1))
+    model = BroadcastPositions(nanogpt=nanogpt).to(F64)
+    ref = gnq_from_grads(per_example_grads(model, ce_sum, ids, y), 1e-2)
+    assert rel_err(per_example_gnq(model, ce_sum, ids, y, 1e-2), ref) < 1e-9
+    x = torch.randn(B, T, 3, generator=gen(seed + 2), dtype=F64)
+    model = SharedTableModel(T).to(F64)
+    ref = gnq_from_grads(per_example_grads(model, ce_sum, x, y), 1e-2)
+    assert rel_err(per_example_gnq(model, ce_sum, x, y, 1e-2), ref) < 1e-9

@@ -556,7 +556,9 @@ class GramHooks:
             self._paused = False
         if self._scale != 1:
             K *= float(self._scale) ** 2
-        return K
+        # Layer Grams formed in float32 (chunked einsums) are symmetric only to rounding,
+        # and gnq_from_gram refuses asymmetry beyond float64's: a Gram is symmetric.
+        return (K + K.T) / 2
 
     def per_example_grads(self) -> dict[nn.Parameter, torch.Tensor]:
         """Materialised per-example gradients ``{param: [B, *param.shape]}`` (for checks)."""
