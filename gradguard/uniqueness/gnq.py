@@ -21,6 +21,7 @@ import torch
 __all__ = ["gnq_from_gram", "gnq_from_grads", "resolve_lam", "disclosure_bound"]
 
 _TINY = torch.finfo(torch.float64).tiny  # smallest normal float64
+_PSD_RTOL = 1e-4  # per example, relative to max diag(K): see gnq_from_gram
 
 
 def _check_lam_value(lam) -> None:
@@ -116,8 +117,9 @@ def gnq_from_gram(K: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
 
     Args:
         K: ``[B, B]`` Gram matrix of per-example gradients (K_ij = ⟨g_i, g_j⟩): real,
-            symmetric and positive semi-definite up to rounding (relative
-            max(1e-6, 16ε) of its largest entry). Integer Grams are converted to float64.
+            symmetric up to rounding (relative max(1e-6, 16ε) of its largest entry) and
+            positive semi-definite up to B·max(1e-4, 16ε) of its largest diagonal entry.
+            Integer Grams are converted to float64.
         lam: ridge λ > 0 (absolute, a number or a one-element tensor), or ρ when
             ``relative=True``.
         relative: use λ = ρ·trace(K)/B.
@@ -168,12 +170,15 @@ def gnq_from_gram(K: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
     K = (K + K.T) / (2 * scale)
     lam_scaled = lam_value / scale
     eye = torch.eye(B, dtype=torch.float64, device=K.device)
-    # Positive semi-definite up to rounding: K + τI must factorise for τ at rounding level.
-    _, info_psd = torch.linalg.cholesky_ex(K + (B * rel_tol) * eye)
+    # Positive semi-definite up to rounding: K + τI must factorise. τ allows for Grams
+    # formed in float32 and handed over in float64 (long float32 dot products err by
+    # ~1e-5 relative), far below the negative eigenvalues of a matrix that is no Gram.
+    psd_tol = B * max(_PSD_RTOL, 16 * source_eps)
+    _, info_psd = torch.linalg.cholesky_ex(K + psd_tol * eye)
     L, info = torch.linalg.cholesky_ex(K + lam_scaled * eye)
     if int(info_psd) != 0 or int(info) != 0:
         raise ValueError(
-            f"K is not positive semi-definite (an eigenvalue below -{B * rel_tol:.1g} of its "
+            f"K is not positive semi-definite (an eigenvalue below -{psd_tol:.1g} of its "
             "largest diagonal entry): it is not a Gram matrix of real gradients, and GNQ would "
             "come out negative or infinite. Check how K was formed."
         )
