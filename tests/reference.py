@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 
+def gen(seed: int) -> torch.Generator:
+    """A fresh seeded CPU generator."""
+    return torch.Generator().manual_seed(seed)
+
+
 def ce_sum(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over every example (and position, for sequence outputs)."""
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")

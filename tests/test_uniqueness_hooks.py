@@ -15,14 +15,10 @@ import gradguard as gg
 from gradguard.uniqueness.gnq import gnq_from_grads
 from gradguard.uniqueness.hooks import GramHooks, UnsupportedLayerError, per_example_gnq
 from gradguard.uniqueness.kernels import KERNELS
-from tests.reference import ce_sum, gnq_explicit, per_example_grads, rel_err
+from tests.reference import ce_sum, gen, gnq_explicit, per_example_grads, rel_err
 
 F64 = torch.float64
 STRATEGIES = ("auto", "ghost", "materialise")
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 class SeqClassifier(nn.Module):

@@ -12,14 +12,10 @@ from torch import nn
 
 from gradguard.uniqueness.gnq import gnq_from_grads
 from gradguard.uniqueness.hooks import GramHooks, UnsupportedLayerError, per_example_gnq
-from tests.reference import ce_sum, per_example_grads, rel_err
+from tests.reference import ce_sum, gen, per_example_grads, rel_err
 
 F64 = torch.float64
 STRATEGIES = ("auto", "ghost", "materialise")
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 class BroadcastPositions(nn.Module):

@@ -10,13 +10,9 @@ from torch import nn
 
 from gradguard.uniqueness.gnq import gnq_from_grads
 from gradguard.uniqueness.hooks import GramHooks, per_example_gnq
-from tests.reference import ce_sum, per_example_loop_grads, rel_err
+from tests.reference import ce_sum, gen, per_example_loop_grads, rel_err
 
 F64 = torch.float64
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 class RNNClassifier(nn.Module):
