@@ -12,7 +12,7 @@ from torch import nn
 
 from gradguard.uniqueness.gnq import gnq_from_grads
 from gradguard.uniqueness.hooks import GramHooks, UnsupportedLayerError, per_example_gnq
-from tests.reference import ce_sum, gen, per_example_grads, rel_err
+from tests.reference import ce_sum, gen, per_example_grads, per_example_loop_grads, rel_err
 
 F64 = torch.float64
 STRATEGIES = ("auto", "ghost", "materialise")
@@ -221,3 +221,27 @@ def test_property_positions_and_tables_any_sizes(B, T, nanogpt, seed):
     model = SharedTableModel(T).to(F64)
     ref = gnq_from_grads(per_example_grads(model, ce_sum, x, y), 1e-2)
     assert rel_err(per_example_gnq(model, ce_sum, x, y, 1e-2), ref) < 1e-9
+
+
+def test_a_shared_model_argument_without_b_rows_is_not_batched():
+    class TableArg(nn.Module):
+        def __init__(self, dim=4):
+            super().__init__()
+            self.inp = nn.Linear(3, dim)
+            self.mix = TableMix(dim)
+            self.head = nn.Linear(dim, 3)
+
+        def forward(self, x, table):
+            return self.head(self.mix(self.inp(x), table).mean(1))
+
+    torch.manual_seed(4)
+    model = TableArg().to(F64)
+    x = torch.randn(3, 5, 3, generator=gen(16), dtype=F64)
+    table = torch.randn(5, 4, generator=gen(17), dtype=F64)  # [T, d], shared, T != B
+    y = torch.randint(0, 3, (3,), generator=gen(18))
+
+    def loss_of(i):
+        return ce_sum(model(x[i:i + 1], table), y[i:i + 1])
+
+    ref = gnq_from_grads(per_example_loop_grads(model, loss_of, 3), 1e-2)
+    assert rel_err(per_example_gnq(model, ce_sum, (x, table), y, 1e-2), ref) < 1e-9

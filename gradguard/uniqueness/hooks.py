@@ -92,6 +92,16 @@ class GramHooks:
     ``loss_reduction="mean"`` the captured output gradients are multiplied by the batch
     size of their forward pass, as Opacus does.
 
+    Which tensors carry the batch, and along which dimension, is traced during the
+    model's forward from its inputs (:mod:`gradguard.uniqueness.provenance`), never
+    guessed from sizes: every tensor argument of the model whose batch dimension has B
+    entries is per-example, tensors made from parameters, buffers and constants are not.
+    A layer whose output does not depend on the batch (positions ``arange(T)``) is exact
+    when that output is added to the batch by broadcasting (or meets it row by row), and
+    refused otherwise. A forward's captures are held by its autograd graph until its
+    backward reaches them, so forwards that never reach backward (evaluation with grad
+    enabled) free them with their graph.
+
     Large temporaries that every step needs again (the unfolded inputs of convolutions
     with few input channels) stay allocated between steps, so they are not page-faulted
     back each step; :meth:`remove` frees them.
@@ -99,7 +109,8 @@ class GramHooks:
     Args:
         module: the model; it is not modified beyond registering hooks.
         loss_reduction: ``"mean"`` or ``"sum"``, how the user's loss reduces over the batch.
-        batch_first: whether the model's inputs have the batch as their first dimension.
+        batch_first: whether the model's inputs have the batch as their first dimension
+            (else the second); B is read from the first tensor argument.
         strategy: ``"auto"`` (per layer, the cheaper of ghost kernel and materialisation),
             ``"ghost"`` (ghost kernels wherever they exist) or ``"materialise"``.
         gram_dtype: dtype in which layer Grams are computed (they are always summed in
@@ -235,10 +246,13 @@ class GramHooks:
         if x is None or x.dim() == 0:
             return
         dim = 0 if self.batch_first or x.dim() < 2 else 1
-        tracker = BatchTracker(x.shape[dim], self._on_broadcast)
-        for t in flat:  # every input of the model is per example
-            tracker.mark_batched(t, dim if t.dim() > dim else (0 if t.dim() else None))
-        self._forward = (self._forward_id, x.shape[dim], tracker)
+        batch = x.shape[dim]
+        tracker = BatchTracker(batch, self._on_broadcast)
+        for t in flat:  # the model's inputs with B entries along the batch dimension
+            d = dim if t.dim() > dim else 0
+            if t.dim() > d and t.shape[d] == batch:
+                tracker.mark_batched(t, d)
+        self._forward = (self._forward_id, batch, tracker)
         tracker.__enter__()
 
     def _root_post_hook(self, m, args, kwargs, output):

@@ -24,12 +24,12 @@ the batch:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["BatchTracker", "SharedOutput", "UnsupportedLayerError"]
 
@@ -74,14 +74,29 @@ class SharedOutput:
     derived: list = field(default_factory=list)
 
 
+# Each traced tensor carries (forward id, kind, payload) in this attribute: a plain
+# attribute read costs far less per op than a weak dictionary, and the forward id makes
+# marks from earlier forwards (on tensors the user keeps) inert. Kind "b": batched,
+# payload its batch dimension; kind "s": shared, payload (SharedOutput, direct?).
+_ATTR = "_gradguard_trace"
+_forward_ids = itertools.count()
+
+
 def _tensors(args, kwargs) -> list[torch.Tensor]:
     out = []
-    for a in (*args, *kwargs.values()):
+    for a in (*args, *kwargs.values()) if kwargs else args:
         if isinstance(a, torch.Tensor):
             out.append(a)
         elif type(a) in (tuple, list):
             out.extend(t for t in a if isinstance(t, torch.Tensor))
     return out
+
+
+def _mark(t: torch.Tensor, value: tuple) -> None:
+    try:  # noqa: SIM105 - on every traced op: cheaper than contextlib.suppress
+        setattr(t, _ATTR, value)
+    except (AttributeError, RuntimeError):  # a tensor subclass without a __dict__
+        pass
 
 
 def _dim_of_size(t: torch.Tensor, size: int) -> int | None:
@@ -104,22 +119,32 @@ class BatchTracker(TorchFunctionMode):
         super().__init__()
         self.batch_size = batch_size
         self.on_broadcast = on_broadcast
-        self._dims = WeakIdKeyDictionary()  # batched tensor -> its batch dimension or None
-        self._shared = WeakIdKeyDictionary()  # tensor -> (SharedOutput, direct?)
+        self._id = next(_forward_ids)
         self.outputs: list[SharedOutput] = []
 
+    def _trace(self, t: torch.Tensor):
+        mark = getattr(t, _ATTR, None)
+        return mark if mark is not None and mark[0] == self._id else None
+
     # ------------------------------------------------------------------ queries
-    def mark_batched(self, t: torch.Tensor, dim: int | None) -> None:
-        self._dims[t] = dim
+    def mark_batched(self, t: torch.Tensor, dim: int | str | None) -> None:
+        _mark(t, (self._id, "b", dim))
 
     def is_batched(self, t) -> bool:
-        return isinstance(t, torch.Tensor) and t in self._dims
+        if not isinstance(t, torch.Tensor):
+            return False
+        mark = self._trace(t)
+        return mark is not None and mark[1] == "b"
+
+    def _dim(self, t: torch.Tensor) -> int | str | None:
+        mark = self._trace(t)
+        return mark[2] if mark is not None and mark[1] == "b" else None
 
     def batch_dim(self, t: torch.Tensor) -> int | str | None:
         """The batch dimension of a batched tensor: traced (:data:`MERGED`: the outermost
         factor of dimension 0), else the only dimension of size B; None when neither tells
         (several dimensions of size B)."""
-        d = self._dims.get(t)
+        d = self._dim(t)
         if d is None and t.dim() > 0:
             if t.shape[0] == self.batch_size and t.dim() == 1:
                 return 0
@@ -131,41 +156,46 @@ class BatchTracker(TorchFunctionMode):
             if isinstance(o, torch.Tensor):
                 rec = SharedOutput(path, call, k)
                 self.outputs.append(rec)
-                self._shared[o] = (rec, True)
+                _mark(o, (self._id, "s", (rec, True)))
 
     # ------------------------------------------------------------------ tracing
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        ins = _tensors(args, kwargs)
-        if not ins:
-            return out
-        batched = [t for t in ins if t in self._dims]
-        shared = [t for t in ins if t in self._shared]
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        batched, shared = [], []
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            for t in (a,) if isinstance(a, torch.Tensor) else \
+                    a if type(a) in (tuple, list) else ():
+                mark = getattr(t, _ATTR, None) if isinstance(t, torch.Tensor) else None
+                if mark is not None and mark[0] == self._id:
+                    (batched if mark[1] == "b" else shared).append((t, mark[2]))
         if not batched and not shared:
             return out
-        outs = [out] if isinstance(out, torch.Tensor) else \
-            [o for o in out if isinstance(o, torch.Tensor)] if type(out) in (tuple, list) else []
-        if not outs or all(any(o is t for t in ins) for o in outs) and not batched:
-            return out  # a query (shape, dtype) or a no-op returning its input (.to)
-        name = getattr(func, "__name__", str(func))
-        if batched:
-            src = next((t for t in batched if self._dims.get(t) is not None), batched[0])
-            for o in outs:
-                self._dims[o] = self._out_dim(name, args, src, o)
-            for t in shared:
-                self._consume(name, t, args, kwargs, outs)
+        if isinstance(out, torch.Tensor):
+            outs = (out,)
+        elif type(out) in (tuple, list):
+            outs = tuple(o for o in out if isinstance(o, torch.Tensor))
         else:
-            for t in shared:
-                rec, _ = self._shared[t]
-                rec.uses += 1
-                for o in outs:
-                    if o is not t:
-                        self._shared[o] = (rec, False)
+            return out  # a query: shape, dtype, ...
+        name = getattr(func, "__name__", "")
+        if batched:
+            src, d = next(((t, d) for t, d in batched if d is not None), batched[0])
+            for o in outs:
+                _mark(o, (self._id, "b", self._out_dim(name, args, src, d, o)))
+            for t, (rec, direct) in shared:
+                self._consume(name, t, rec, direct, args, kwargs, outs)
+            return out
+        ins = _tensors(args, kwargs)
+        if all(any(o is t for t in ins) for o in outs):
+            return out  # a no-op returning its input (.to on the right device)
+        for t, (rec, _) in shared:
+            rec.uses += 1
+            for o in outs:
+                if o is not t:
+                    _mark(o, (self._id, "s", (rec, False)))
         return out
 
-    def _out_dim(self, name: str, args, src: torch.Tensor, o: torch.Tensor) -> int | str | None:
-        B, d = self.batch_size, self._dims.get(src)
+    def _out_dim(self, name: str, args, src: torch.Tensor, d, o: torch.Tensor) -> int | str | None:
+        B = self.batch_size
         if d is None:
             return _dim_of_size(o, B)
         nd = src.dim()
@@ -197,8 +227,8 @@ class BatchTracker(TorchFunctionMode):
             return right
         return None
 
-    def _consume(self, name: str, t: torch.Tensor, args, kwargs, outs) -> None:
-        rec, direct = self._shared[t]
+    def _consume(self, name: str, t: torch.Tensor, rec: SharedOutput, direct: bool, args,
+                 kwargs, outs) -> None:
         o = outs[0]
         B = self.batch_size
         where = f"by `{name}`"
@@ -208,7 +238,7 @@ class BatchTracker(TorchFunctionMode):
             self._refuse(rec, f"it is used more than once, or in place ({where})")
         rec.uses += 1
         lead = o.dim() - t.dim()
-        if self._dims.get(o) != 0 or o.shape[0] != B or lead < 0:
+        if self._dim(o) != 0 or o.shape[0] != B or lead < 0:
             self._refuse(rec, f"it is combined with the batch {where} in a way that keeps no "
                               "batch dimension first")
         if lead == 0 and t.shape[0] == B and name in _ELEMENTWISE and t.shape == o.shape:
@@ -224,7 +254,7 @@ class BatchTracker(TorchFunctionMode):
 
     @staticmethod
     def _sign(name: str, t: torch.Tensor, args, kwargs) -> float | None:
-        alpha = kwargs.get("alpha", 1)
+        alpha = (kwargs or {}).get("alpha", 1)
         if name in _ADD:
             return float(alpha)
         if name in _SUB:
