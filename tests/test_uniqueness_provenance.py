@@ -161,6 +161,15 @@ def test_shared_output_without_per_example_attribution_is_refused():
                                                     r"`matmul`.*Fix"):
         per_example_gnq(MatmulTable().to(F64), ce_sum, x, torch.randint(0, 3, (4,)))
 
+    class Chain(BroadcastPositions):
+        def forward(self, ids):  # positions through a second shared layer, then added
+            pos = self.pos_proj(self.pos(torch.arange(ids.shape[1])))
+            return self.head(torch.tanh(self.tok(ids) + pos).mean(1))
+
+    with pytest.raises(UnsupportedLayerError, match=r"'pos'.*only through other operations"):
+        per_example_gnq(Chain().to(F64), ce_sum, torch.randint(0, 11, (3, 4)),
+                        torch.randint(0, 3, (3,)))
+
     def loss(out, y):  # a batch-level term that is no example's own
         logits, prior = out
         return ce_sum(logits, y) + prior.sum()

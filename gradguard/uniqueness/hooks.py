@@ -379,8 +379,6 @@ class GramHooks:
     def _make_backprop_hook(self, idx: int, fid: int, call: LayerCall, k: int, scale: int,
                             sign: float | None = None):
         def hook(grad):
-            if self._paused:
-                return
             if sign is None and k in call.hook_state.get("broadcast", ()):
                 return  # summed over examples; the broadcast sum's gradient is taken instead
             # Stored unscaled: multiplying every output gradient by the batch size costs a
@@ -455,7 +453,9 @@ class GramHooks:
                     continue
                 for r in c.shared:
                     if r.resolution is None and c.backprops[r.k] is not None:
-                        BatchTracker._refuse(r, "it reaches the loss without meeting the "
+                        BatchTracker._refuse(r, "it meets the batch only through other "
+                                                "operations or layers" if r.uses else
+                                                "it reaches the loss without meeting the "
                                                 "batch (a batch-level term, e.g. a regulariser)")
                 c.offset = offsets[fid]
                 c.args, c.kwargs, c.backprops, c.out_template, c.captures, c.saved = \
