@@ -197,7 +197,7 @@ def test_forwards_that_never_reach_backward_do_not_accumulate():
     model.eval()
     for _ in range(50):
         model(torch.randn(4, 3, dtype=F64))
-    assert _live_calls() == before
+    assert _live_calls() <= before  # (an earlier test's traceback may still hold one)
     assert sum(len(v) for v in hooks._calls.values()) == 0 and not hooks._workspaces
     model.train()
     ids, y = torch.randn(4, 3, generator=gen(10), dtype=F64), torch.randint(0, 3, (4,))
