@@ -254,3 +254,23 @@ def test_a_shared_model_argument_without_b_rows_is_not_batched():
 
     ref = gnq_from_grads(per_example_loop_grads(model, loss_of, 3), 1e-2)
     assert rel_err(per_example_gnq(model, ce_sum, (x, table), y, 1e-2), ref) < 1e-9
+
+
+@pytest.mark.parametrize("B,T", [(4, 4), (3, 5)])
+def test_sequence_first_transformer_encoder(B, T):
+    # nn.TransformerEncoderLayer defaults to batch_first=False: its LayerNorms and Linears
+    # see [T, B, d]; with T == B only the trace tells the batch dimension.
+    class SeqFirst(nn.Module):
+        def __init__(self, vocab=12, dim=6):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, dim)
+            self.enc = nn.TransformerEncoderLayer(dim, 2, 8, dropout=0.0)
+            self.head = nn.Linear(dim, 3)
+
+        def forward(self, ids):
+            h = self.enc(self.emb(ids).transpose(0, 1))  # [T, B, d]
+            return self.head(h.mean(0))
+
+    torch.manual_seed(B * T)
+    ids = torch.randint(0, 12, (B, T), generator=gen(19))
+    check_exact(SeqFirst(), ids, torch.randint(0, 3, (B,), generator=gen(20)))

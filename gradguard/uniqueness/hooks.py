@@ -26,6 +26,7 @@ from .gnq import gnq_from_gram
 from .kernels import (
     EmbeddingKernel,
     FunctionalKernel,
+    GradSamplerKernel,
     LayerCall,
     LayerKernel,
     LinearKernel,
@@ -42,6 +43,7 @@ _STRATEGIES = ("auto", "ghost", "materialise")
 # Kernels that act position by position on their input's leading dimensions, so a call on
 # a shared input broadcast over the batch equals the call on the input expanded per example.
 _POSITIONWISE = (LinearKernel, EmbeddingKernel)
+_TRAILING_NORMS = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t is not None)
 
 
 @dataclass
@@ -337,8 +339,13 @@ class GramHooks:
             return
         first = arg_dims[0] if arg_dims else None
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        movable = isinstance(owner.kernel, LinearKernel) and x is not None and \
-            first is not None and first < x.dim() - 1
+        # Layers acting on trailing dimensions only can take the batch anywhere before them
+        # (their kernels move it first).
+        trailing = 1 if isinstance(owner.kernel, LinearKernel) else \
+            len(owner.module.normalized_shape) if isinstance(owner.kernel, GradSamplerKernel) \
+            and isinstance(owner.module, _TRAILING_NORMS) else None
+        movable = trailing is not None and x is not None and first is not None and \
+            first < x.dim() - trailing
         if x is not None and first is None and x.dim() > 0 and x.shape[0] != call.batch_size:
             self._refuse_not_batch_first(owner, x, call.batch_size)
         if first not in (None, 0) and not movable:
@@ -348,8 +355,9 @@ class GramHooks:
         raise UnsupportedLayerError(
             f"layer '{owner.path}' ({type(owner.module).__name__}) got an input of shape "
             f"{tuple(x.shape)} whose batch dimension (B={batch}) is not first; its kernel "
-            "needs batch-first inputs (nn.Linear, nn.MultiheadAttention and the torch.func "
-            "fallback take any batch dimension). Transpose the input, or register a kernel."
+            "needs batch-first inputs (nn.Linear, nn.LayerNorm, nn.RMSNorm, "
+            "nn.MultiheadAttention, RNNs and the torch.func fallback take any batch dimension). "
+            "Transpose the input, or register a kernel."
         )
 
     def _on_broadcast(self, shared: SharedOutput, out: torch.Tensor, sign: float,

@@ -29,7 +29,11 @@ class GradSamplerKernel(LayerKernel):
         out: dict[str, torch.Tensor] = {}
         for c in calls:
             acts = [a for a in c.args if isinstance(a, torch.Tensor)]
-            result = self.fn(module, acts, c.backprop)
+            backprop = c.backprop
+            d = c.batch_dims[0][0] if c.batch_dims and c.batch_dims[0] else 0
+            if d:  # a layer on trailing dimensions (LayerNorm) fed time-first: batch first
+                acts, backprop = [acts[0].movedim(d, 0), *acts[1:]], backprop.movedim(d, 0)
+            result = self.fn(module, acts, backprop)
             for p, g in result.items():
                 n = by_param.get(id(p))
                 if n is None:
