@@ -274,3 +274,27 @@ def test_sequence_first_transformer_encoder(B, T):
     torch.manual_seed(B * T)
     ids = torch.randint(0, 12, (B, T), generator=gen(19))
     check_exact(SeqFirst(), ids, torch.randint(0, 3, (B,), generator=gen(20)))
+
+
+@pytest.mark.parametrize("B,T", [(4, 4), (3, 5)])
+def test_sequence_first_model_inputs(B, T):
+    # GramHooks(batch_first=False): the model takes ids [T, B]; every layer is sequence-first.
+    class SeqFirstIds(nn.Module):
+        def __init__(self, vocab=12, dim=6):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+            self.enc = nn.TransformerEncoderLayer(dim, 2, 8, dropout=0.0)
+            self.head = nn.Linear(dim, 3)
+
+        def forward(self, ids):  # [T, B]
+            return self.head(self.enc(self.emb(ids)).mean(0))
+
+    torch.manual_seed(B + 2 * T)
+    model = SeqFirstIds().to(F64)
+    ids = torch.randint(0, 12, (T, B), generator=gen(21))
+    y = torch.randint(0, 3, (B,), generator=gen(22))
+    ref = gnq_from_grads(per_example_loop_grads(
+        model, lambda i: ce_sum(model(ids[:, i:i + 1]), y[i:i + 1]), B), 1e-2)
+    for strategy in STRATEGIES:
+        got = per_example_gnq(model, ce_sum, ids, y, 1e-2, strategy=strategy, batch_first=False)
+        assert rel_err(got, ref) < 1e-9, strategy

@@ -342,6 +342,7 @@ class GramHooks:
         # Layers acting on trailing dimensions only can take the batch anywhere before them
         # (their kernels move it first).
         trailing = 1 if isinstance(owner.kernel, LinearKernel) else \
+            0 if isinstance(owner.kernel, EmbeddingKernel) else \
             len(owner.module.normalized_shape) if isinstance(owner.kernel, GradSamplerKernel) \
             and isinstance(owner.module, _TRAILING_NORMS) else None
         movable = trailing is not None and x is not None and first is not None and \
@@ -355,7 +356,7 @@ class GramHooks:
         raise UnsupportedLayerError(
             f"layer '{owner.path}' ({type(owner.module).__name__}) got an input of shape "
             f"{tuple(x.shape)} whose batch dimension (B={batch}) is not first; its kernel "
-            "needs batch-first inputs (nn.Linear, nn.LayerNorm, nn.RMSNorm, "
+            "needs batch-first inputs (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, "
             "nn.MultiheadAttention, RNNs and the torch.func fallback take any batch dimension). "
             "Transpose the input, or register a kernel."
         )

@@ -222,6 +222,8 @@ class BatchTracker(TorchFunctionMode):
             return d
         if d == 0 and o.dim() > 0 and o.shape[0] == B:
             return 0
+        if o.dim() > nd and o.shape[:nd] == src.shape:
+            return d  # trailing dimensions appended (embedding lookup, unsqueeze(-1))
         right = o.dim() - nd + d
         if 0 <= right < o.dim() and o.shape[right] == B:
             return right

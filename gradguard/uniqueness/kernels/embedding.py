@@ -24,8 +24,12 @@ class EmbeddingKernel(LayerKernel):
             )
         segs = []
         for c in calls:
-            ids = c.activation.reshape(c.batch_size, -1)
-            D = c.backprop.reshape(c.batch_size, ids.shape[1], -1)
+            ids, D = c.activation, c.backprop
+            d = c.batch_dims[0][0] if c.batch_dims and c.batch_dims[0] else 0
+            if d:  # traced batch dimension not first (sequence-first ids): move it first
+                ids, D = ids.movedim(d, 0), D.movedim(d, 0)
+            ids = ids.reshape(c.batch_size, -1)
+            D = D.reshape(c.batch_size, ids.shape[1], -1)
             if module.padding_idx is not None:
                 D = D * (ids != module.padding_idx).unsqueeze(-1).to(D.dtype)
             segs.append((ids, D, c.offset))
@@ -84,7 +88,7 @@ class EmbeddingKernel(LayerKernel):
         return {"weight": g}
 
     def costs(self, module, calls, batch_size, names):
-        T = sum(c.activation.reshape(c.batch_size, -1).shape[1] for c in calls)
+        T = sum(c.activation.numel() // c.batch_size for c in calls)
         ghost = batch_size * batch_size * T * T * module.embedding_dim
         if module.weight.device.type == "cpu":
             # Grouped by token id: Σ_v n_v² E ≤ B·N·E for N tokens (n_v ≤ B examples per id),
