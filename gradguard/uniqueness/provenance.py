@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -71,7 +71,6 @@ class SharedOutput:
     k: int
     uses: int = 0
     resolution: str | None = None
-    derived: list = field(default_factory=list)
 
 
 # Each traced tensor carries (forward id, kind, payload) in this attribute: a plain
