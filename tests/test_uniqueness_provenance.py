@@ -184,7 +184,7 @@ def _live_calls() -> int:
     from gradguard.uniqueness.kernels import LayerCall
 
     gc.collect()
-    return sum(isinstance(o, LayerCall) for o in gc.get_objects())
+    return sum(type(o) is LayerCall for o in gc.get_objects())
 
 
 def test_forwards_that_never_reach_backward_do_not_accumulate():

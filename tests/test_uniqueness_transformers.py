@@ -95,7 +95,7 @@ def test_gpt2_with_labels_and_its_own_mean_loss():
     assert rel_err(hooks.gram(), ref @ ref.T) < 1e-8
     # The helper's sum is the HF mean times the token count (HF computes its loss in
     # float32 even for a float64 model: hence float32's precision here).
-    assert rel_err(causal_lm_loss(out.logits, ids), out.loss * B * (T - 1)) < 1e-6
+    assert rel_err(causal_lm_loss(out.logits, ids).detach(), out.loss.detach() * B * (T - 1)) < 1e-6
     hooks.remove()
 
 
