@@ -87,7 +87,7 @@ class HookGramSource:
     # public by the hooks' owner): which parameters the hooks attribute to examples.
     def guarded_params(self) -> list[nn.Parameter]:
         hooks = self.hooks
-        return [p for p in hooks._all_params() if hooks._guarded(p)]
+        return hooks.guarded_parameters()
 
     @property
     def gram_dtype(self) -> torch.dtype:

@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 
+def gen(seed: int) -> torch.Generator:
+    """A fresh seeded CPU generator."""
+    return torch.Generator().manual_seed(seed)
+
+
 def ce_sum(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over every example (and position, for sequence outputs)."""
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
@@ -40,3 +45,15 @@ def gnq_explicit(G: torch.Tensor, lam: float) -> torch.Tensor:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.to(torch.float64), b.to(torch.float64)
     return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
+
+
+def per_example_loop_grads(model, loss_of, batch_size: int) -> torch.Tensor:
+    """[B, P] gradients by brute force: one forward and backward per example,
+    ``loss_of(i)`` being example i's own loss (for models torch.func cannot vmap)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(batch_size):
+        grads = torch.autograd.grad(loss_of(i), params, allow_unused=True)
+        rows.append(torch.cat([torch.zeros(p.numel(), dtype=p.dtype) if g is None
+                               else g.reshape(-1) for p, g in zip(params, grads)]))
+    return torch.stack(rows)

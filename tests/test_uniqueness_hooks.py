@@ -15,14 +15,10 @@ import gradguard as gg
 from gradguard.uniqueness.gnq import gnq_from_grads
 from gradguard.uniqueness.hooks import GramHooks, UnsupportedLayerError, per_example_gnq
 from gradguard.uniqueness.kernels import KERNELS
-from tests.reference import ce_sum, gnq_explicit, per_example_grads, rel_err
+from tests.reference import ce_sum, gen, gnq_explicit, per_example_grads, rel_err
 
 F64 = torch.float64
 STRATEGIES = ("auto", "ghost", "materialise")
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 class SeqClassifier(nn.Module):
@@ -448,7 +444,9 @@ def test_bad_arguments():
         GramHooks(nn.Linear(2, 2), strategy="fast")
 
 
-def test_input_broadcast_over_the_batch_is_refused():
+def test_input_broadcast_over_the_batch_is_attributed_exactly():
+    # Was refused ("leading dimension 1"); the broadcast sum's gradient now gives the
+    # per-example Δ of the [1, T] positions (issue 12 §1; see test_uniqueness_provenance).
     class PositionalModel(nn.Module):
         def __init__(self):
             super().__init__()
@@ -460,6 +458,7 @@ def test_input_broadcast_over_the_batch_is_refused():
             positions = torch.arange(ids.shape[1]).unsqueeze(0)  # [1, T], broadcast over B
             return self.head((self.tok(ids) + self.pos(positions)).mean(1))
 
-    with pytest.raises(UnsupportedLayerError, match=r"'pos'.*leading dimension 1.*\[B, T\]"):
-        per_example_gnq(PositionalModel(), ce_sum, torch.randint(0, 10, (3, 5)),
-                        torch.randint(0, 3, (3,)))
+    model = PositionalModel().to(F64)
+    ids, y = torch.randint(0, 10, (3, 5), generator=gen(50)), torch.randint(0, 3, (3,))
+    ref = gnq_from_grads(per_example_grads(model, ce_sum, ids, y), 1e-2)
+    assert rel_err(per_example_gnq(model, ce_sum, ids, y), ref) < 1e-9

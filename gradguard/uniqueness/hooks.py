@@ -24,21 +24,26 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .gnq import gnq_from_gram
 from .kernels import (
+    EmbeddingKernel,
     FunctionalKernel,
+    GradSamplerKernel,
     LayerCall,
     LayerKernel,
-    MultiheadAttentionKernel,
+    LinearKernel,
     kernel_for,
 )
 from .kernels.base import _gram_of
+from .provenance import MERGED, BatchTracker, SharedOutput, UnsupportedLayerError
 
 __all__ = ["GramHooks", "per_example_gnq", "UnsupportedLayerError"]
 
 _STRATEGIES = ("auto", "ghost", "materialise")
 
 
-class UnsupportedLayerError(RuntimeError):
-    """A layer whose per-example gradients gradguard cannot compute correctly."""
+# Kernels that act position by position on their input's leading dimensions, so a call on
+# a shared input broadcast over the batch equals the call on the input expanded per example.
+_POSITIONWISE = (LinearKernel, EmbeddingKernel)
+_TRAILING_NORMS = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t is not None)
 
 
 @dataclass
@@ -89,6 +94,16 @@ class GramHooks:
     ``loss_reduction="mean"`` the captured output gradients are multiplied by the batch
     size of their forward pass, as Opacus does.
 
+    Which tensors carry the batch, and along which dimension, is traced during the
+    model's forward from its inputs (:mod:`gradguard.uniqueness.provenance`), never
+    guessed from sizes: every tensor argument of the model whose batch dimension has B
+    entries is per-example, tensors made from parameters, buffers and constants are not.
+    A layer whose output does not depend on the batch (positions ``arange(T)``) is exact
+    when that output is added to the batch by broadcasting (or meets it row by row), and
+    refused otherwise. A forward's captures are held by its autograd graph until its
+    backward reaches them, so forwards that never reach backward (evaluation with grad
+    enabled) free them with their graph.
+
     Large temporaries that every step needs again (the unfolded inputs of convolutions
     with few input channels) stay allocated between steps, so they are not page-faulted
     back each step; :meth:`remove` frees them.
@@ -96,7 +111,8 @@ class GramHooks:
     Args:
         module: the model; it is not modified beyond registering hooks.
         loss_reduction: ``"mean"`` or ``"sum"``, how the user's loss reduces over the batch.
-        batch_first: whether the model's inputs have the batch as their first dimension.
+        batch_first: whether the model's inputs have the batch as their first dimension
+            (else the second); B is read from the first tensor argument.
         strategy: ``"auto"`` (per layer, the cheaper of ghost kernel and materialisation),
             ``"ghost"`` (ghost kernels wherever they exist) or ``"materialise"``.
         gram_dtype: dtype in which layer Grams are computed (they are always summed in
@@ -142,9 +158,12 @@ class GramHooks:
         self.gram_dtype = gram_dtype
         self._handles: list = []
         self._owners: list[_Owner] = []
+        # Calls that received an output gradient, per owner. A forward's calls are held
+        # only by its autograd graph (their hooks) until then, so forwards that never
+        # reach backward (an eval loop with grad enabled) free their captures with it.
         self._calls: dict[int, list[tuple[int, LayerCall]]] = defaultdict(list)
-        self._forward_batch: dict[int, int] = {}
         self._forward_id = 0
+        self._forward: tuple[int, int, BatchTracker] | None = None  # (id, B, tracker)
         self._collected: tuple[int, dict[int, list[LayerCall]]] | None = None
         self._scale = 1  # loss-reduction scale still to apply to results (see _collect)
         self._received: set[int] = set()
@@ -178,6 +197,8 @@ class GramHooks:
                                                          with_kwargs=True))
         self._handles.append(self.module.register_forward_pre_hook(self._root_pre_hook,
                                                                    with_kwargs=True))
+        self._handles.append(self.module.register_forward_hook(
+            self._root_post_hook, with_kwargs=True, always_call=True))
         for p in self._all_params():
             if p.requires_grad:  # frozen now: never guarded, and hooks need requires_grad
                 self._handles.append(p.register_post_accumulate_grad_hook(self._mark_received))
@@ -207,16 +228,40 @@ class GramHooks:
                 )
         return check
 
+    def guarded_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose per-example gradients enter the Gram (each once)."""
+        return [p for p in self._all_params() if self._guarded(p)]
+
+    def mark_received(self, params: Iterable[torch.Tensor]) -> None:
+        """Record that ``params`` received gradient in this step, for a backward that
+        bypasses ``.grad`` (``torch.autograd.grad``): the coverage check needs to know."""
+        self._received.update(id(p) for p in params)
+
     def _root_pre_hook(self, m, args, kwargs):
         if self._paused or not torch.is_grad_enabled():
             return
-        if any(_functorch_wrapped(t) for t in tree_flatten((args, kwargs))[0]):
+        flat = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if any(_functorch_wrapped(t) for t in flat):
             return
         self._forward_id += 1
-        x = _first_tensor(args, kwargs)
-        if x is not None and x.dim() > 0:
-            dim = 0 if self.batch_first or x.dim() < 2 else 1
-            self._forward_batch[self._forward_id] = x.shape[dim]
+        x = flat[0] if flat else None
+        if x is None or x.dim() == 0:
+            return
+        dim = 0 if self.batch_first or x.dim() < 2 else 1
+        batch = x.shape[dim]
+        tracker = BatchTracker(batch, self._on_broadcast)
+        for t in flat:  # the model's inputs with B entries along the batch dimension
+            d = dim if t.dim() > dim else 0
+            if t.dim() > d and t.shape[d] == batch:
+                tracker.mark_batched(t, d)
+        self._forward = (self._forward_id, batch, tracker)
+        tracker.__enter__()
+
+    def _root_post_hook(self, m, args, kwargs, output):
+        if self._forward is not None:
+            tracker = self._forward[2]
+            self._forward = None
+            tracker.__exit__(None, None, None)
 
     def _make_forward_hook(self, idx: int):
         def hook(m, args, kwargs, output):
@@ -227,51 +272,136 @@ class GramHooks:
                 return  # a call under vmap/grad (e.g. the user's own torch.func code)
             if not any(isinstance(o, torch.Tensor) and o.requires_grad for o in outs):
                 return
-            fid = self._forward_id
-            batch = self._forward_batch.get(fid)
-            if batch is None:  # called outside the root's forward: trust the layer's input
+            owner = self._owners[idx]
+            if self._forward is None:  # called outside the root's forward: trust its input
+                fid, tracker = self._forward_id, None
                 x = _first_tensor(args, kwargs)
                 batch = x.shape[0] if x is not None and x.dim() > 0 else 1
-            elif not isinstance(self._owners[idx].kernel,
-                                (FunctionalKernel, MultiheadAttentionKernel)):
-                self._check_batch_first(idx, args, batch)
-            # The k-th call of a layer in a step gets the same workspace every step.
-            workspace = self._workspaces[(idx, len(self._calls[idx]))]
+            else:
+                fid, _, tracker = self._forward
+                batch = owner.kernel.call_batch_size(m, args, kwargs)
+                if batch is None:
+                    batch = tracker.batch_size
+                else:  # the layer defines the examples (EmbeddingBag's bags): so be it
+                    tracker.batch_size = batch
+                    for o in outs:
+                        if isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == batch:
+                            tracker.mark_batched(o, 0)
             call = LayerCall(args=_detach(args), kwargs=_detach(kwargs),
                              backprops=[None] * len(outs), offset=0, batch_size=batch,
-                             out_template=_detach(output), workspace=workspace)
+                             out_template=_detach(output))
+            if tracker is not None:
+                self._trace(owner, tracker, call, args, kwargs, outs)
             scale = batch if self.loss_reduction == "mean" else 1
             for k, o in enumerate(outs):
                 if isinstance(o, torch.Tensor) and o.requires_grad:
-                    o.register_hook(self._make_backprop_hook(call, k, scale))
-            self._owners[idx].kernel.on_forward(m, call, output)
-            self._calls[idx].append((fid, call))
-            self._collected = None
+                    o.register_hook(self._make_backprop_hook(idx, fid, call, k, scale))
+            owner.kernel.on_forward(m, call, output)
         return hook
 
-    def _check_batch_first(self, idx: int, args: tuple, batch: int) -> None:
-        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if x is None or x.dim() == 0 or x.shape[0] == batch:
+    def _trace(self, owner: _Owner, tracker: BatchTracker, call: LayerCall, args, kwargs,
+               outs) -> None:
+        """Batch dimensions of the call's inputs and outputs, from the tracker."""
+        call.hook_state["owner"] = owner  # for _on_broadcast
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if not any(tracker.is_batched(t) for t in ins):
+            tracker.add_shared(owner.path, call, outs)
+            call.shared = [r for r in tracker.outputs if r.call is call]
             return
-        owner = self._owners[idx]
+        if owner.kernel.own_batch_dims:
+            return
+
+        def dim(t, role):
+            if not tracker.is_batched(t):
+                return None
+            d = tracker.batch_dim(t)
+            if d == MERGED and isinstance(owner.kernel, _POSITIONWISE):
+                return 0  # [B·T, d] with the batch outermost: read as [B, T, d]
+            if d is None or d == MERGED:
+                raise UnsupportedLayerError(
+                    f"layer '{owner.path}' ({type(owner.module).__name__}) gets a batched {role} "
+                    f"of shape {tuple(t.shape)} in which gradguard cannot tell the batch "
+                    f"dimension (the batch B={tracker.batch_size} is merged into another "
+                    "dimension, or several dimensions have size B and the operations before "
+                    "it do not say which). Keep the batch as its own dimension, use a batch "
+                    "size different from the other dimensions, or register a kernel for the "
+                    "layer (gradguard.register_kernel)."
+                )
+            return d
+
+        arg_dims = tuple(dim(a, "input") if isinstance(a, torch.Tensor) else None
+                         for a in args)
+        kw_dims = {k: dim(v, f"argument {k!r}") if isinstance(v, torch.Tensor) else None
+                   for k, v in kwargs.items()}
+        out_dims = [dim(o, "output") if isinstance(o, torch.Tensor) else None for o in outs]
+        call.batch_dims = (arg_dims, kw_dims, out_dims)
+        if isinstance(owner.kernel, FunctionalKernel):
+            return
+        first = arg_dims[0] if arg_dims else None
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        # Layers acting on trailing dimensions only can take the batch anywhere before them
+        # (their kernels move it first).
+        trailing = 1 if isinstance(owner.kernel, LinearKernel) else \
+            0 if isinstance(owner.kernel, EmbeddingKernel) else \
+            len(owner.module.normalized_shape) if isinstance(owner.kernel, GradSamplerKernel) \
+            and isinstance(owner.module, _TRAILING_NORMS) else None
+        movable = trailing is not None and x is not None and first is not None and \
+            first < x.dim() - trailing
+        if x is not None and first is None and x.dim() > 0 and x.shape[0] != call.batch_size:
+            self._refuse_not_batch_first(owner, x, call.batch_size)
+        if first not in (None, 0) and not movable:
+            self._refuse_not_batch_first(owner, x, call.batch_size)
+
+    def _refuse_not_batch_first(self, owner: _Owner, x: torch.Tensor, batch: int):
         raise UnsupportedLayerError(
-            f"layer '{owner.path}' ({type(owner.module).__name__}) got an input with leading "
-            f"dimension {x.shape[0]}, but the batch has {batch} examples. Either its input is "
-            "shared across the batch and broadcast later (e.g. Hugging Face position_ids of "
-            "shape [1, T]: pass them expanded to [B, T]), so its gradient arrives already "
-            "summed over examples; or the layer is not batch-first (gradguard needs "
-            "batch-first layers; nn.MultiheadAttention with batch_first=False is handled)."
+            f"layer '{owner.path}' ({type(owner.module).__name__}) got an input of shape "
+            f"{tuple(x.shape)} whose batch dimension (B={batch}) is not first; its kernel "
+            "needs batch-first inputs (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, "
+            "nn.MultiheadAttention, RNNs and the torch.func fallback take any batch dimension). "
+            "Transpose the input, or register a kernel."
         )
 
-    def _make_backprop_hook(self, call: LayerCall, k: int, scale: int):
+    def _on_broadcast(self, shared: SharedOutput, out: torch.Tensor, sign: float,
+                      lead: int) -> None:
+        """A shared output added, broadcast, to the batched ``out``: attribute it exactly by
+        expanding the call to per-example inputs and taking ``sign · ∂L/∂out`` as its Δ."""
+        call, k = shared.call, shared.k
+        owner = call.hook_state["owner"]
+        x = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else None
+        template = tree_flatten(call.out_template)[0][k]
+        if not isinstance(owner.kernel, _POSITIONWISE) or x is None or len(call.args) != 1 \
+                or x.dim() == 0 or x.shape[0] != template.shape[0]:
+            BatchTracker._refuse(shared, "it is broadcast over the batch, and only nn.Linear "
+                                         "and nn.Embedding outputs can be expanded per example")
+        expand = tuple(out.shape[:lead + 1])
+        call.args = (x.reshape((1,) * lead + tuple(x.shape)).expand(*expand, *x.shape[1:]),)
+        call.out_template = template.reshape((1,) * lead + tuple(template.shape)).expand(
+            *out.shape)
+        call.batch_dims = ((0,), {}, [0])
+        call.hook_state["broadcast"] = {k}
+        idx = self._owners.index(owner)
+        fid = self._forward[0]
+        scale = call.batch_size if self.loss_reduction == "mean" else 1
+        if out.requires_grad:
+            out.register_hook(self._make_backprop_hook(idx, fid, call, k, scale, sign=sign))
+
+    def _make_backprop_hook(self, idx: int, fid: int, call: LayerCall, k: int, scale: int,
+                            sign: float | None = None):
         def hook(grad):
+            if sign is None and k in call.hook_state.get("broadcast", ()):
+                return  # summed over examples; the broadcast sum's gradient is taken instead
             # Stored unscaled: multiplying every output gradient by the batch size costs a
             # full copy per layer; _collect folds the scale into the results instead.
-            g = grad.detach()
+            g = grad.detach() if sign is None else grad.detach() * sign
             prev = call.backprops[k]
             call.backprops[k] = g if prev is None else prev + g
             call.extra.clear()  # kernels' caches were built from the old Δ
             call.extra["backprop_scale"] = scale
+            if not call.hook_state.get("promoted"):
+                call.hook_state["promoted"] = True
+                # The k-th call of a layer in a step gets the same workspace every step.
+                call.workspace = self._workspaces[(idx, len(self._calls[idx]))]
+                self._calls[idx].append((fid, call))
             self._collected = None
         return hook
 
@@ -301,7 +431,6 @@ class GramHooks:
     def clear(self) -> None:
         """Forget what was captured (call after each optimizer step)."""
         self._calls.clear()
-        self._forward_batch.clear()
         self._received.clear()
         self._grad_after_backward.clear()
         self._collected = None
@@ -319,11 +448,11 @@ class GramHooks:
             return self._collected
         with_grad = sorted({fid for calls in self._calls.values() for fid, c in calls
                             if any(b is not None for b in c.backprops)})
+        batch_of = {fid: c.batch_size for calls in self._calls.values() for fid, c in calls}
         offsets, total = {}, 0
         for fid in with_grad:
             offsets[fid] = total
-            total += self._forward_batch.get(fid) or next(
-                c.batch_size for calls in self._calls.values() for f, c in calls if f == fid)
+            total += batch_of[fid]
         promote = self.gram_dtype
         result: dict[int, list[LayerCall]] = {}
         for idx, calls in self._calls.items():
@@ -331,6 +460,12 @@ class GramHooks:
             for fid, c in calls:
                 if fid not in offsets or all(b is None for b in c.backprops):
                     continue
+                for r in c.shared:
+                    if r.resolution is None and c.backprops[r.k] is not None:
+                        BatchTracker._refuse(r, "it meets the batch only through other "
+                                                "operations or layers" if r.uses else
+                                                "it reaches the loss without meeting the "
+                                                "batch (a batch-level term, e.g. a regulariser)")
                 c.offset = offsets[fid]
                 c.args, c.kwargs, c.backprops, c.out_template, c.captures, c.saved = \
                     _map_tensors(lambda t: _promote(t, promote), (
@@ -444,7 +579,9 @@ class GramHooks:
             self._paused = False
         if self._scale != 1:
             K *= float(self._scale) ** 2
-        return K
+        # Layer Grams formed in float32 (chunked einsums) are symmetric only to rounding,
+        # and gnq_from_gram refuses asymmetry beyond float64's: a Gram is symmetric.
+        return (K + K.T) / 2
 
     def per_example_grads(self) -> dict[nn.Parameter, torch.Tensor]:
         """Materialised per-example gradients ``{param: [B, *param.shape]}`` (for checks)."""
@@ -614,7 +751,7 @@ def per_example_gnq(model: nn.Module, loss_fn, x, y, lam: float = 1e-2, *, relat
                              "this batch")
         params = [p for p in hooks._all_params() if p.requires_grad]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        hooks._received = {id(p) for p, g in zip(params, grads) if g is not None}
+        hooks.mark_received(p for p, g in zip(params, grads) if g is not None)
         K = hooks.gram()
     finally:
         hooks.remove()

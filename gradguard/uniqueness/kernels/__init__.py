@@ -27,9 +27,10 @@ from torch import nn
 from .attention import MultiheadAttentionKernel
 from .base import LayerCall, LayerKernel
 from .conv import ConvKernel
-from .embedding import EmbeddingKernel
+from .embedding import EmbeddingBagKernel, EmbeddingKernel
 from .functional import FunctionalKernel, GradSamplerKernel
 from .linear import LinearKernel
+from .recurrent import RecurrentKernel
 
 __all__ = [
     "LayerCall",
@@ -37,6 +38,8 @@ __all__ = [
     "LinearKernel",
     "ConvKernel",
     "EmbeddingKernel",
+    "EmbeddingBagKernel",
+    "RecurrentKernel",
     "MultiheadAttentionKernel",
     "FunctionalKernel",
     "GradSamplerKernel",
@@ -51,7 +54,11 @@ KERNELS: dict[type, LayerKernel] = {
     nn.Conv2d: ConvKernel(),
     nn.Conv3d: ConvKernel(),
     nn.Embedding: EmbeddingKernel(),
+    nn.EmbeddingBag: EmbeddingBagKernel(),
     nn.MultiheadAttention: MultiheadAttentionKernel(),
+    nn.RNN: RecurrentKernel(),
+    nn.LSTM: RecurrentKernel(),
+    nn.GRU: RecurrentKernel(),
 }
 
 
@@ -72,6 +79,12 @@ def _register_opacus_samplers() -> None:
         fn = GradSampleModule.GRAD_SAMPLERS.get(layer_type)
         if fn is not None:
             KERNELS.setdefault(layer_type, GradSamplerKernel(fn))  # a user's kernel wins
+    try:  # Opacus's DP RNNs alias their RNNLinear children's weights: replay them whole
+        from opacus.layers import DPGRU, DPLSTM, DPRNN
+    except ImportError:  # pragma: no cover
+        return
+    for layer_type in (DPRNN, DPLSTM, DPGRU):
+        KERNELS.setdefault(layer_type, RecurrentKernel())
 
 
 _FALLBACK = FunctionalKernel()
@@ -111,6 +124,7 @@ def register_kernel(*layer_types: type) -> Callable:
 
 def kernel_for(module: nn.Module) -> LayerKernel:
     """The registered kernel for ``module``'s exact type, else the torch.func fallback."""
-    if not _opacus_borrowed and isinstance(module, _NORM_LAYERS):
+    if not _opacus_borrowed and (isinstance(module, _NORM_LAYERS)
+                                 or type(module).__module__.startswith("opacus.")):
         _register_opacus_samplers()
     return KERNELS.get(type(module), _FALLBACK)

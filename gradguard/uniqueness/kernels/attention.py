@@ -134,6 +134,7 @@ class MultiheadAttentionKernel(LayerKernel):
     """
 
     covers_submodules = True
+    own_batch_dims = True
 
     def __init__(self):
         self.fallback = FunctionalKernel(covers_submodules=True, batch_dims=_mha_batch_dims)

@@ -43,6 +43,12 @@ class LayerCall:
             the same call of the same layer every step, so a kernel can reuse a large
             temporary instead of allocating (and, on CPU, page-faulting) it again. Its
             contents are overwritten the next step: never return a view of them.
+        batch_dims: ``(arg_dims, kwarg_dims, output_dims)``, the batch dimension of every
+            input and output (None: shared by the batch), traced from the model's inputs
+            (:mod:`gradguard.uniqueness.provenance`); None outside a traced forward.
+        shared: the call's outputs that do not depend on the batch
+            (:class:`~gradguard.uniqueness.provenance.SharedOutput`); empty for the usual
+            per-example call.
     """
 
     args: tuple
@@ -55,6 +61,9 @@ class LayerCall:
     captures: dict = field(default_factory=dict)
     saved: dict = field(default_factory=dict)
     workspace: dict = field(default_factory=dict)
+    batch_dims: tuple | None = None
+    shared: list = field(default_factory=list)
+    hook_state: dict = field(default_factory=dict)  # the hooks' bookkeeping, not the kernels'
 
     @property
     def activation(self) -> torch.Tensor:
@@ -79,6 +88,9 @@ class LayerKernel:
     #: the kernel computes gradients for every parameter of the module's subtree
     #: (e.g. MultiheadAttention uses ``out_proj.weight`` without calling ``out_proj``).
     covers_submodules: bool = False
+    #: the kernel reads each input's batch dimension from the layer's own convention
+    #: (MultiheadAttention, RNNs), not from the hooks' trace of the model's inputs.
+    own_batch_dims: bool = False
 
     def per_example_grads(self, module: nn.Module, calls: Sequence[LayerCall], batch_size: int,
                           names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -105,6 +117,11 @@ class LayerKernel:
               names: Sequence[str]) -> tuple[float, float]:
         """(ghost cost, materialise cost); ``math.inf`` ghost cost means no ghost route."""
         return math.inf, 0.0
+
+    def call_batch_size(self, module: nn.Module, args: tuple, kwargs: dict) -> int | None:
+        """The number of examples in a call, where the layer defines it differently from
+        its first input's leading dimension (``EmbeddingBag`` with offsets); else None."""
+        return None
 
     def on_forward(self, module: nn.Module, call: LayerCall, output: Any) -> None:
         """Called by the hooks right after each captured forward call of ``module``.

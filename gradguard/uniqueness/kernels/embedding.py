@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import _CHUNK_ELEMENTS, LayerKernel, _nonzero_rows
@@ -22,8 +24,12 @@ class EmbeddingKernel(LayerKernel):
             )
         segs = []
         for c in calls:
-            ids = c.activation.reshape(c.batch_size, -1)
-            D = c.backprop.reshape(c.batch_size, ids.shape[1], -1)
+            ids, D = c.activation, c.backprop
+            d = c.batch_dims[0][0] if c.batch_dims and c.batch_dims[0] else 0
+            if d:  # traced batch dimension not first (sequence-first ids): move it first
+                ids, D = ids.movedim(d, 0), D.movedim(d, 0)
+            ids = ids.reshape(c.batch_size, -1)
+            D = D.reshape(c.batch_size, ids.shape[1], -1)
             if module.padding_idx is not None:
                 D = D * (ids != module.padding_idx).unsqueeze(-1).to(D.dtype)
             segs.append((ids, D, c.offset))
@@ -82,7 +88,7 @@ class EmbeddingKernel(LayerKernel):
         return {"weight": g}
 
     def costs(self, module, calls, batch_size, names):
-        T = sum(c.activation.reshape(c.batch_size, -1).shape[1] for c in calls)
+        T = sum(c.activation.numel() // c.batch_size for c in calls)
         ghost = batch_size * batch_size * T * T * module.embedding_dim
         if module.weight.device.type == "cpu":
             # Grouped by token id: Σ_v n_v² E ≤ B·N·E for N tokens (n_v ≤ B examples per id),
@@ -136,3 +142,77 @@ def _embedding_gram_grouped(ex: torch.Tensor, ids: torch.Tensor, D: torch.Tensor
         blocks = torch.bmm(P, P.transpose(1, 2)).to(dtype)
         K.index_add_(0, (X[:, :, None] * B + X[:, None, :]).reshape(-1), blocks.reshape(-1))
     return K.view(B, B)
+
+
+class EmbeddingBagKernel(LayerKernel):
+    """``nn.EmbeddingBag`` in ``"sum"`` or ``"mean"`` mode, 2-D input or 1-D input with
+    ``offsets``: each bag is one example (its batch size is the number of bags).
+
+    Example b's gradient puts w_n·δ_b (÷ the bag's size for ``"mean"``) on row ``ids[n]``
+    for every entry n of its bag: the embedding Gram over (bag, id) rows, grouped by id
+    as for ``nn.Embedding``. Entries equal to ``padding_idx`` contribute nothing.
+    """
+
+    def call_batch_size(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
+        if isinstance(x, torch.Tensor) and x.dim() == 2:
+            return x.shape[0]
+        if isinstance(offsets, torch.Tensor):
+            return offsets.shape[0] - (1 if module.include_last_offset else 0)
+        return None
+
+    def _entries(self, module, c):
+        """(example of every entry, its id, its output-gradient row [N, E])."""
+        if module.mode == "max":
+            raise ValueError(
+                "EmbeddingBag(mode='max') sends each bag's gradient to the rows that won the "
+                "max, which gradguard does not attribute; use mode='sum' or 'mean'."
+            )
+        x = c.args[0] if c.args else c.kwargs["input"]
+        args = dict(zip(("input", "offsets", "per_sample_weights"), c.args))
+        args.update(c.kwargs)
+        weights = args.get("per_sample_weights")
+        B = c.batch_size
+        if x.dim() == 2:
+            bag = torch.arange(B, device=x.device)[:, None].expand_as(x).reshape(-1)
+            ids = x.reshape(-1)
+        else:
+            offsets = args["offsets"][:B]
+            ids = x
+            bag = torch.bucketize(torch.arange(x.shape[0], device=x.device), offsets,
+                                  right=True) - 1
+        keep = torch.ones_like(ids, dtype=torch.bool) if module.padding_idx is None \
+            else ids != module.padding_idx
+        D = c.backprop.reshape(B, -1)[bag]
+        scale = keep.to(D.dtype)
+        if weights is not None:
+            scale = scale * weights.reshape(-1).to(D.dtype)
+        if module.mode == "mean":
+            counts = torch.zeros(B, dtype=D.dtype, device=D.device).index_add_(
+                0, bag, keep.to(D.dtype))
+            scale = scale / counts.clamp_min(1)[bag]
+        return bag + c.offset, ids, D * scale[:, None]
+
+    def per_example_grads(self, module, calls, batch_size, names):
+        if "weight" not in names:
+            return {}
+        V = module.weight.shape[0]
+        G = module.weight.new_zeros(batch_size, *module.weight.shape)
+        flat = G.view(batch_size * V, -1)
+        for c in calls:
+            ex, ids, D = self._entries(module, c)
+            flat.index_add_(0, ex * V + ids, D.to(G.dtype))
+        return {"weight": G}
+
+    def gram(self, module, calls, batch_size, names, dtype):
+        if "weight" not in names or module.weight.device.type != "cpu":
+            return super().gram(module, calls, batch_size, names, dtype)
+        parts = [self._entries(module, c) for c in calls]
+        ex, ids, D = (torch.cat(t) for t in zip(*parts))
+        return _embedding_gram_grouped(ex, ids, D, batch_size, dtype)
+
+    def costs(self, module, calls, batch_size, names):
+        if module.weight.device.type != "cpu":
+            return math.inf, 0.0
+        return 0.0, float(batch_size * module.weight.numel())

@@ -29,7 +29,11 @@ class GradSamplerKernel(LayerKernel):
         out: dict[str, torch.Tensor] = {}
         for c in calls:
             acts = [a for a in c.args if isinstance(a, torch.Tensor)]
-            result = self.fn(module, acts, c.backprop)
+            backprop = c.backprop
+            d = c.batch_dims[0][0] if c.batch_dims and c.batch_dims[0] else 0
+            if d:  # a layer on trailing dimensions (LayerNorm) fed time-first: batch first
+                acts, backprop = [acts[0].movedim(d, 0), *acts[1:]], backprop.movedim(d, 0)
+            result = self.fn(module, acts, backprop)
             for p, g in result.items():
                 n = by_param.get(id(p))
                 if n is None:
@@ -47,8 +51,10 @@ class FunctionalKernel(LayerKernel):
     """Any layer: per-example gradients of its own parameters by ``torch.func``.
 
     For each example, the gradient of ⟨layer(x_i), δ_i⟩ w.r.t. the layer's parameters,
-    vectorised with ``vmap``. Tensors whose leading dimension equals the call's batch
-    size are treated as batched; others (masks, positional tables) are shared.
+    vectorised with ``vmap``. Which inputs are batched, and along which dimension, comes
+    from the hooks' trace of the model's inputs (:mod:`gradguard.uniqueness.provenance`);
+    for a call outside a traced forward, tensors whose leading dimension equals the call's
+    batch size are taken as batched.
     """
 
     def __init__(self, *, covers_submodules: bool = False,
@@ -59,6 +65,8 @@ class FunctionalKernel(LayerKernel):
     def _dims(self, module: nn.Module, call: LayerCall):
         if self._batch_dims is not None:
             return self._batch_dims(module, call)
+        if call.batch_dims is not None:  # traced from the model's inputs
+            return call.batch_dims
 
         def dim_of(t):
             batched = isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == call.batch_size

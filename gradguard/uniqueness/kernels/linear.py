@@ -26,7 +26,11 @@ class LinearKernel(_AffineKernel):
     def segments(self, module, calls):
         segs = []
         for c in calls:
-            A = _batch_first_3d(c.activation, c.batch_size, type(module).__name__)
-            D = c.backprop.reshape(A.shape[0], A.shape[1], -1)
+            d = c.batch_dims[0][0] if c.batch_dims and c.batch_dims[0] else 0
+            x, delta = c.activation, c.backprop
+            if d:  # traced batch dimension not first (time-first input): move it first
+                x, delta = x.movedim(d, 0), delta.movedim(d, 0)
+            A = _batch_first_3d(x, c.batch_size, type(module).__name__)
+            D = delta.reshape(A.shape[0], A.shape[1], -1)
             segs.append(_Segment(A.unsqueeze(2), D.unsqueeze(2), c.offset))
         return segs
