@@ -83,11 +83,8 @@ class HookGramSource:
     def __init__(self, module: nn.Module, **hook_kwargs):
         self.hooks = GramHooks(module, **hook_kwargs)
 
-    # The one place that reads GramHooks' private parameter bookkeeping (to be made
-    # public by the hooks' owner): which parameters the hooks attribute to examples.
     def guarded_params(self) -> list[nn.Parameter]:
-        hooks = self.hooks
-        return hooks.guarded_parameters()
+        return self.hooks.guarded_parameters()
 
     @property
     def gram_dtype(self) -> torch.dtype:
