@@ -29,6 +29,8 @@ from .kernels import (
     LayerKernel,
     MultiheadAttentionKernel,
     kernel_for,
+    tied_embedding_head_costs,
+    tied_embedding_head_gram,
 )
 from .kernels.base import _gram_of
 
@@ -409,6 +411,19 @@ class GramHooks:
             return False
         return self.strategy == "ghost" or ghost <= materialise
 
+    def _tied_uses(self, uses, calls):
+        return [(self._owners[idx].module, self._owners[idx].kernel, calls[idx])
+                for idx, _, _ in uses]
+
+    def _tied_ghost(self, uses, calls, batch: int) -> bool:
+        """Whether a tied weight (an embedding and its LM head) takes its ghost Gram."""
+        if self.strategy == "materialise":
+            return False
+        ghost, materialise = tied_embedding_head_costs(self._tied_uses(uses, calls), batch)
+        if ghost == float("inf"):
+            return False
+        return self.strategy != "auto" or ghost <= materialise
+
     def gram(self) -> torch.Tensor:
         """The B×B Gram of per-example gradients of the guarded parameters (float64).
 
@@ -434,6 +449,10 @@ class GramHooks:
                     if grads:
                         K += _gram_of(grads.values(), batch, self.gram_dtype)
             for uses in tied.values():
+                if self._tied_ghost(uses, calls, batch):
+                    K += tied_embedding_head_gram(self._tied_uses(uses, calls), batch,
+                                                  self.gram_dtype)
+                    continue
                 g = None
                 for idx, n, _ in uses:
                     o = self._owners[idx]
@@ -554,8 +573,9 @@ class GramHooks:
                 routes[o.path] = "ghost" if self._use_ghost(o, calls[idx], batch, names) \
                     else "materialise"
         for uses in tied.values():
+            route = "ghost" if self._tied_ghost(uses, calls, batch) else "materialise"
             for idx, n, _ in uses:
-                routes[f"{self._owners[idx].path}.{n} (tied)"] = "materialise"
+                routes[f"{self._owners[idx].path}.{n} (tied)"] = route
         return routes
 
 

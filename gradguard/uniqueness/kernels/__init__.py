@@ -30,11 +30,20 @@ from .conv import ConvKernel
 from .embedding import EmbeddingKernel
 from .functional import FunctionalKernel, GradSamplerKernel
 from .linear import LinearKernel
+from .transformers import (
+    Conv1DKernel,
+    register_transformers_kernels,
+    tied_embedding_head_costs,
+    tied_embedding_head_gram,
+)
 
 __all__ = [
     "LayerCall",
     "LayerKernel",
     "LinearKernel",
+    "Conv1DKernel",
+    "tied_embedding_head_gram",
+    "tied_embedding_head_costs",
     "ConvKernel",
     "EmbeddingKernel",
     "MultiheadAttentionKernel",
@@ -113,4 +122,5 @@ def kernel_for(module: nn.Module) -> LayerKernel:
     """The registered kernel for ``module``'s exact type, else the torch.func fallback."""
     if not _opacus_borrowed and isinstance(module, _NORM_LAYERS):
         _register_opacus_samplers()
+    register_transformers_kernels(KERNELS)  # only once transformers is imported
     return KERNELS.get(type(module), _FALLBACK)
