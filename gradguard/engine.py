@@ -85,7 +85,10 @@ class GradGuard:
             its schedule names.
         on_nonfinite: ``"raise"`` (default, an error naming the step and examples) or
             ``"skip"`` (the step is skipped, the ledger untouched, the skip counted).
-        strategy: ``"auto"``, ``"ghost"`` or ``"materialise"`` per-layer Gram route.
+        strategy: ``"auto"``, ``"ghost"``, ``"materialise"`` or ``"sketch"`` per-layer Gram
+            route (see :class:`~gradguard.uniqueness.hooks.GramHooks`).
+        sketch_dim: per-layer sketch size under ``"sketch"`` (default 4096).
+        sketch_seed: seed of the sketch projections.
         gram_dtype: dtype of layer Grams (default float32; float64 for float64 models).
         top_k: rows of the most-disclosing-examples table.
         num_examples: size of the training set (default: ``len(data_loader.dataset)``).
@@ -124,7 +127,8 @@ class GradGuard:
                  on_nonfinite: str = "raise", strategy: str = "auto",
                  gram_dtype: torch.dtype | None = None, top_k: int = 10,
                  num_examples: int | None = None, distributed: bool | None = None,
-                 distributed_gnq: str = "local", process_group=None):
+                 distributed_gnq: str = "local", process_group=None,
+                 sketch_dim: int | None = None, sketch_seed: int = 0):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         resolve_lam(torch.zeros(1, 1), lam)  # validates lam
@@ -160,6 +164,7 @@ class GradGuard:
         self.curvature = curvature
         self.on_nonfinite = on_nonfinite
         self.strategy = strategy
+        self.sketch = {"sketch_dim": sketch_dim, "sketch_seed": sketch_seed}
         self.gram_dtype = gram_dtype
         self.top_k = top_k
         self.num_examples = num_examples
@@ -225,7 +230,7 @@ class GradGuard:
         else:
             self.hooks = GramHooks(unwrap_ddp(module), loss_reduction=loss_reduction,
                                    batch_first=batch_first, strategy=self.strategy,
-                                   gram_dtype=self.gram_dtype, params=params)
+                                   gram_dtype=self.gram_dtype, params=params, **self.sketch)
         self.loss_reduction = loss_reduction
         expected = self._expected_batch_size(optimizer, data_loader)
         self.optimizer = GuardedOptimizer(optimizer, guard=self, expected_batch_size=expected,
