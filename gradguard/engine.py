@@ -87,7 +87,7 @@ class GradGuard:
             ``"skip"`` (the step is skipped, the ledger untouched, the skip counted).
         strategy: ``"auto"``, ``"ghost"``, ``"materialise"`` or ``"sketch"`` per-layer Gram
             route (see :class:`~gradguard.uniqueness.hooks.GramHooks`).
-        sketch_dim: per-layer sketch size under ``"sketch"`` (default 4096).
+        sketch_dim: per-layer sketch size under ``"sketch"`` (default 16384).
         sketch_seed: seed of the sketch projections.
         gram_dtype: dtype of layer Grams (default float32; float64 for float64 models).
         top_k: rows of the most-disclosing-examples table.

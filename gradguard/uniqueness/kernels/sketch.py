@@ -35,9 +35,9 @@ from .base import LayerCall, LayerKernel, _AffineKernel, _Segment, _segments_bia
 __all__ = ["DEFAULT_SKETCH_DIM", "AUTO_SKETCH_MULTIPLE", "sketch_projection", "sketch_sides",
            "sketch_rows", "sketched_gram", "can_sketch", "sketch_costs"]
 
-#: Per-layer sketch size k_in·k_out (64 × 64). Chosen on an MLP and a CNN's linear layers;
+#: Per-layer sketch size (64 blocks of 16 × 16). Chosen on an MLP and a CNN (B = 32, 128);
 #: measured on GPT-2-/Llama-shaped models it was not tuned on (tests/test_sketch.py).
-DEFAULT_SKETCH_DIM = 4096
+DEFAULT_SKETCH_DIM = 16384
 #: ``strategy="auto"`` sketches a layer only when its exact routes (ghost and materialised)
 #: both cost more than this multiple of the layer's own backward pass (2·rows·d_in·d_out
 #: flops); otherwise GNQ stays exact.
