@@ -23,9 +23,15 @@ integration is a subclass, :class:`GradGuardTrainer`, used exactly like ``Traine
 
 GNQ runs on gradguard's exact sequence kernels: ``nn.Linear`` over ``[B, T, d]`` uses the
 sequence ghost kernel Σ_{t,s}(a_it·a_js)(δ_it·δ_js) (or materialises, whichever is
-cheaper), ``nn.Embedding`` its index kernel; layers with no ghost kernel (LayerNorm,
-GPT-2's ``Conv1D``, tied embedding/head weights) materialise their per-example gradients.
-``trainer.guard.hooks.layer_routes()`` says which route each layer took.
+cheaper), ``nn.Embedding`` its index kernel, GPT-2's ``Conv1D`` the Linear kernel, and a
+weight tied between the embedding and the LM head the ghost Gram of both uses with their
+cross terms (or materialises, whichever is cheaper); layers with no ghost kernel
+(LayerNorm) materialise their per-example gradients. ``trainer.guard.hooks.layer_routes()``
+says which route each layer took.
+
+Causal language models are recognised through their wrappers (peft, DDP,
+``torch.compile``; :func:`is_causal_lm`), so their labels are shifted as the model's own
+loss shifts them.
 
 Supported: ``gradient_accumulation_steps=1``; fp32 or bf16 (fp16 loss scaling would scale
 every per-example gradient); single process or DDP (``torchrun``), where the ranks agree
