@@ -449,9 +449,9 @@ class GramHooks:
             return False
         if self.strategy == "sketch":
             return True
-        _, backward = sketch_costs(owner.kernel, owner.module, calls, self.sketch_dim)
+        cost, backward = sketch_costs(owner.kernel, owner.module, calls, self.sketch_dim)
         exact = min(owner.kernel.costs(owner.module, calls, batch, names))
-        return exact > AUTO_SKETCH_MULTIPLE * backward
+        return exact > AUTO_SKETCH_MULTIPLE * backward and cost < exact
 
     def gram(self) -> torch.Tensor:
         """The B×B Gram of per-example gradients of the guarded parameters (float64).
