@@ -112,7 +112,7 @@ class GramHooks:
             or ``"sketch"`` (affine layers larger than the sketch take a random-projection
             estimate of their Gram, :mod:`~gradguard.uniqueness.kernels.sketch`; other
             layers, e.g. norms and embeddings, their exact routes).
-        sketch_dim: per-layer sketch size k_in·k_out (default ``DEFAULT_SKETCH_DIM``).
+        sketch_dim: per-layer sketch size, blocks·k_in·k_out (default ``DEFAULT_SKETCH_DIM``).
         sketch_seed: seed of the sketch projections (the same on every rank and resume).
         gram_dtype: dtype in which layer Grams are computed (they are always summed in
             float64). Default: float64 for float64 models, float32 otherwise (inputs in
@@ -151,7 +151,7 @@ class GramHooks:
         self.batch_first = batch_first
         self.strategy = strategy
         if sketch_dim is not None and (not isinstance(sketch_dim, int) or sketch_dim < 1):
-            raise ValueError(f"sketch_dim must be a positive integer (k_in·k_out per layer), "
+            raise ValueError(f"sketch_dim must be a positive integer (the per-layer sketch size), "
                              f"got {sketch_dim!r}")
         self.sketch_dim = DEFAULT_SKETCH_DIM if sketch_dim is None else sketch_dim
         self.sketch_seed = int(sketch_seed)
