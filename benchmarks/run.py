@@ -38,6 +38,7 @@ Usage::
     python benchmarks/run.py                      # full suite, ~10 min on 2 CPU cores
     python benchmarks/run.py --quick              # a fast pass
     python benchmarks/run.py --models mlp --batch-sizes 128
+    python benchmarks/run.py --models gpt2 gpt2_lora gpt2_long   # GPT-2-shaped LM rows
 """
 
 from __future__ import annotations
@@ -68,8 +69,13 @@ import torch.nn.functional as F
 from torch import nn
 
 MODELS = ("mlp", "cnn", "transformer")
+# GPT-2-shaped language models (issue 12), behind --models: each runs its own variants
+# at B = 16 (see model_spec).
+LM_MODELS = ("gpt2", "gpt2_lora", "gpt2_long")
 VARIANTS = ("plain", "gg_monitor", "gg_drop", "gg_materialise", "opacus_hooks", "opacus_ghost",
             "naive_gnq")
+ALL_VARIANTS = (*VARIANTS, "gg_sketch")
+LM_BATCH = 16
 BATCH_SIZES = (32, 128, 512)
 TARGET_BATCH = 128  # the batch size of the issue's targets
 NUM_CLASSES = 10
@@ -101,12 +107,61 @@ class TinyEncoder(nn.Module):
         return self.head(self.encoder(h).mean(1))
 
 
+class CausalLM(nn.Module):
+    """A ``transformers`` causal LM as the suite's ``model(x)``: next-token logits laid out
+    ``[B, V, T - 1]`` for ``F.cross_entropy`` against ``ids[:, 1:]`` (each example's mean
+    token loss, averaged over the batch), positions spelled out per example."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        return self.model(input_ids=ids, position_ids=positions).logits[:, :-1].transpose(1, 2)
+
+
+def _gpt2_spec(name: str, tiny: bool) -> ModelSpec:
+    layers, d, vocab = (1, 16, 50) if tiny else (4, 256, 2000)
+    T = (8 if tiny else 512) if name == "gpt2_long" else (8 if tiny else 64)
+    lora = name == "gpt2_lora"
+
+    def build():
+        import transformers
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        transformers.logging.set_verbosity_error()
+        model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=d, n_head=4, vocab_size=vocab,
+                                           n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0,
+                                           attn_pdrop=0.0))
+        if lora:
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(
+                r=8, lora_alpha=16, lora_dropout=0.0, fan_in_fan_out=True,
+                target_modules=["c_attn", "c_proj", "c_fc"]))
+        return CausalLM(model)
+
+    def batch(B, gen):
+        ids = torch.randint(0, vocab, (B, T), generator=gen)
+        return ids, ids[:, 1:]
+
+    variants = {"gpt2": ("plain", "gg_monitor", "gg_sketch"), "gpt2_lora": ("plain", "gg_monitor"),
+                "gpt2_long": ("plain", "gg_sketch")}[name]
+    desc = (f"GPT-2 (transformers): {layers} layers, d={d}, vocab {vocab}, T={T}"
+            + (", peft LoRA r=8 on c_attn/c_proj/c_fc (GNQ over the adapters)" if lora else "")
+            + (" (the long-context row: sketch only)" if name == "gpt2_long" else ""))
+    return ModelSpec(name, build, batch, desc, variants=variants, batch_sizes=(LM_BATCH,))
+
+
 @dataclass
 class ModelSpec:
     name: str
     build: Callable[[], nn.Module]
     make_batch: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
     description: str
+    variants: tuple[str, ...] | None = None  # the variants this model runs (default: all)
+    batch_sizes: tuple[int, ...] | None = None  # its batch sizes (default: the suite's)
 
 
 def model_spec(name: str, *, scale: str = "full") -> ModelSpec:
@@ -135,6 +190,8 @@ def model_spec(name: str, *, scale: str = "full") -> ModelSpec:
                     torch.randint(0, NUM_CLASSES, (B,), generator=gen))
         desc = (f"CNN on 3×{side}×{side}: conv3×3 {channels[0]} → pool → conv3×3 "
                 f"{channels[1]} → pool → linear")
+    elif name in LM_MODELS:
+        return _gpt2_spec(name, tiny)
     elif name == "transformer":
         d, heads, ff, layers, T, vocab = ((16, 2, 32, 1, 8, 50) if tiny
                                           else (64, 4, 256, 2, SEQ_LEN, VOCAB))
@@ -149,7 +206,7 @@ def model_spec(name: str, *, scale: str = "full") -> ModelSpec:
         desc = (f"Transformer encoder: {layers} × nn.TransformerEncoderLayer(d={d}, heads="
                 f"{heads}, ff={ff}), vocab {vocab}, sequence length {T}")
     else:
-        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS + LM_MODELS}")
     return ModelSpec(name, build, batch, desc)
 
 
@@ -300,15 +357,17 @@ def make_variant(name: str) -> Variant:
         "opacus_hooks": lambda: OpacusVariant("opacus_hooks", "hooks"),
         "opacus_ghost": lambda: OpacusVariant("opacus_ghost", "ghost"),
         "naive_gnq": NaiveGNQ,
+        "gg_sketch": lambda: GuardVariant("gg_sketch", policy="monitor", strategy="sketch"),
     }
     if name not in factories:
-        raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+        raise ValueError(f"unknown variant {name!r}; choose from {ALL_VARIANTS}")
     return factories[name]()
 
 
-def prepare_variant(name: str, spec: ModelSpec, *, num_examples: int, batch_size: int) -> Variant:
+def prepare_variant(name: str, spec: ModelSpec, *, num_examples: int, batch_size: int,
+                    device: torch.device | str = "cpu") -> Variant:
     variant = make_variant(name)
-    model = seeded_model(spec)
+    model = seeded_model(spec).to(device)
     if variant.needs_opacus_fix:
         from opacus.validators import ModuleValidator
 
@@ -419,10 +478,8 @@ def run_cell(spec: ModelSpec, batch_size: int, variants: Sequence[str], *, warmu
     live: dict[str, Variant] = {}
     for name in variants:
         try:
-            if device.type != "cpu":
-                raise NotImplementedError("the suite builds its models on CPU only")
             live[name] = prepare_variant(name, spec, num_examples=num_examples,
-                                         batch_size=batch_size)
+                                         batch_size=batch_size, device=device)
         except Exception as exc:  # noqa: BLE001 - a variant that cannot run is reported
             cell.errors[name] = _short_error(exc)
             log(f"  {name}: cannot run: {cell.errors[name]}")
@@ -479,7 +536,7 @@ def summarise_cell(cell: CellResult, n_params: int) -> list[dict]:
     rows = []
     plain = cell.times.get("plain")
     plain_mem = cell.memory.get("plain", {}).get("peak_bytes")
-    for name in VARIANTS:
+    for name in ALL_VARIANTS:
         if name in cell.errors and name not in cell.times:
             rows.append({"model": cell.model, "batch_size": cell.batch_size, "variant": name,
                          "params": n_params, "error": cell.errors[name]})
@@ -748,6 +805,13 @@ def check_targets(rows: list[dict], curvature: dict | None, *,
             add(f"gg_monitor ≥ 10× less extra memory than naive_gnq (mlp, B={batch_size})",
                 round(factor, 1), factor >= 10,
                 f"extra: monitor {_mb(em)} MB, naive {_mb(en)} MB")
+    for model, variant, limit in (("gpt2", "gg_monitor", 1.35), ("gpt2", "gg_sketch", 1.15),
+                                  ("gpt2_lora", "gg_monitor", 1.10),
+                                  ("gpt2_long", "gg_sketch", 1.2)):
+        r = by.get((model, LM_BATCH, variant))
+        if r and "ratio_vs_plain" in r:
+            add(f"{variant} ≤ {limit}× plain ({model}, B={LM_BATCH})",
+                round(r["ratio_vs_plain"], 3), r["ratio_vs_plain"] <= limit)
     if curvature and "models" in curvature:
         for model, per in curvature["models"].items():
             if not isinstance(per, dict):
@@ -783,7 +847,7 @@ def run_suite(*, models: Sequence[str] = MODELS, batch_sizes: Sequence[int] = BA
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    variants = [v for v in VARIANTS if v in variants]
+    variants = [v for v in ALL_VARIANTS if v in variants]
     if "plain" not in variants:
         variants = ["plain", *variants]  # every ratio needs the baseline
     started = time.perf_counter()
@@ -794,12 +858,15 @@ def run_suite(*, models: Sequence[str] = MODELS, batch_sizes: Sequence[int] = BA
     def weight(B: int) -> int:
         return 3 if B == TARGET_BATCH else 1
 
-    weights_left = len(models) * sum(weight(B) for B in batch_sizes)
+    def cell_sizes(m: str) -> Sequence[int]:
+        return specs[m].batch_sizes or batch_sizes
+
+    weights_left = sum(weight(B) for m in models for B in cell_sizes(m))
     reserve = (40.0 if scaling_batch_sizes else 0.0) + (20.0 if curvature else 0.0)
     for m in models:
         n_params = count_params(specs[m])
         log(f"{m}: {specs[m].description} ({n_params:,} parameters)")
-        for B in batch_sizes:
+        for B in cell_sizes(m):
             t0 = time.perf_counter()
             budget = cell_budget_s * weight(B)
             if time_limit_s is not None:
@@ -807,7 +874,8 @@ def run_suite(*, models: Sequence[str] = MODELS, batch_sizes: Sequence[int] = BA
                 # About half of a cell's time goes to warm-up and the memory step.
                 budget = max(1.0, min(budget, 0.5 * left * weight(B) / weights_left))
             weights_left -= weight(B)
-            cell = run_cell(specs[m], B, variants, warmup=warmup, repeats=repeats * weight(B),
+            cell = run_cell(specs[m], B, specs[m].variants or variants, warmup=warmup,
+                            repeats=repeats * weight(B),
                             budget_s=budget, memory=memory, device=dev, log=log)
             rows.extend(summarise_cell(cell, n_params))
             log(f"  B={B}: done in {time.perf_counter() - t0:.1f} s")
@@ -821,7 +889,8 @@ def run_suite(*, models: Sequence[str] = MODELS, batch_sizes: Sequence[int] = BA
         plain = {r["model"]: r["median_step_s"] for r in rows
                  if r["variant"] == "plain" and r["batch_size"] == curvature_batch_size
                  and "median_step_s" in r}
-        curv = curvature_costs(list(specs.values()), batch_size=curvature_batch_size,
+        curv = curvature_costs([s for s in specs.values() if s.variants is None],
+                               batch_size=curvature_batch_size,
                                repeats=max(3, scaling_repeats), plain_step_s=plain, device=dev)
         if "skipped" in curv:
             log(f"curvature section skipped: {curv['skipped']}")
@@ -898,9 +967,11 @@ def _fmt(x: float | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + LM_MODELS,
+                   help="models to run (default: the three small ones); the GPT-2 rows "
+                        f"{', '.join(LM_MODELS)} need the huggingface extra")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS)
     p.add_argument("--quick", action="store_true",
                    help="a fast pass: fewer repeats, B in {32, 128}, smaller scaling sweep")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per cell (max)")
@@ -918,7 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-curvature", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch.set_num_threads (default: the machine's CPU count)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (models and batches go there)")
     p.add_argument("--scale", default="full", choices=("full", "tiny"),
                    help="'tiny' shrinks every model (a smoke test of the machinery)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),

@@ -17,7 +17,7 @@ from .validation import check_bool, check_choice, check_int, check_real
 
 __all__ = ["GuardConfig", "STRATEGIES", "NONFINITE_ACTIONS"]
 
-STRATEGIES = ("auto", "ghost", "materialise")
+STRATEGIES = ("auto", "ghost", "materialise", "sketch")
 NONFINITE_ACTIONS = ("raise", "skip")
 
 
@@ -55,6 +55,8 @@ class GuardConfig:
     distributed_gnq: str = "local"
     save_every: int | None = None
     delta: float = 1e-5
+    sketch_dim: int | None = None
+    sketch_seed: int = 0
 
     def __post_init__(self):
         check_choice("policy", self.policy, POLICIES)
@@ -92,3 +94,6 @@ class GuardConfig:
             if self.log_dir is None:
                 raise ValueError("save_every= writes the run directory: pass log_dir= too")
         set_(self, "delta", check_real("delta", self.delta, open_unit=True))
+        if self.sketch_dim is not None:
+            check_int("sketch_dim", self.sketch_dim, minimum=1)
+        check_int("sketch_seed", self.sketch_seed, minimum=0)

@@ -87,7 +87,10 @@ class GradGuard:
             ``"skip"`` (the step is skipped, the ledger untouched, the skip counted). The
             check covers the per-example gradients and the final gradient of every
             parameter the optimizer is about to update.
-        strategy: ``"auto"``, ``"ghost"`` or ``"materialise"`` per-layer Gram route.
+        strategy: ``"auto"``, ``"ghost"``, ``"materialise"`` or ``"sketch"`` per-layer Gram
+            route (see :class:`~gradguard.uniqueness.hooks.GramHooks`).
+        sketch_dim: per-layer sketch size under ``"sketch"`` (default 16384).
+        sketch_seed: seed of the sketch projections.
         gram_dtype: dtype of layer Grams (default float32; float64 for float64 models).
         top_k: rows of the most-disclosing-examples table.
         num_examples: size of the training set (default: ``len(data_loader.dataset)``).
@@ -161,14 +164,16 @@ class GradGuard:
                  gram_dtype: torch.dtype | None = None, top_k: int = 10,
                  num_examples: int | None = None, distributed: bool | None = None,
                  distributed_gnq: str = "local", process_group=None,
-                 save_every: int | None = None, delta: float = 1e-5):
+                 save_every: int | None = None, delta: float = 1e-5,
+                 sketch_dim: int | None = None, sketch_seed: int = 0):
         rule = make_policy(policy, threshold=threshold, budget=budget)
         self.config = GuardConfig(
             policy=rule.name, lam=lam, relative_lam=relative_lam, threshold=rule.threshold,
             budget=rule.budget, log_dir=log_dir, log_every=log_every,
             on_nonfinite=on_nonfinite, strategy=strategy, gram_dtype=gram_dtype, top_k=top_k,
             num_examples=num_examples, distributed=distributed,
-            distributed_gnq=distributed_gnq, save_every=save_every, delta=delta)
+            distributed_gnq=distributed_gnq, save_every=save_every, delta=delta,
+            sketch_dim=sketch_dim, sketch_seed=sketch_seed)
         #: The policy object: decides each step's weights and owns its state.
         self.rule: Policy = rule
         c = self.config
@@ -286,7 +291,8 @@ class GradGuard:
         source = gram_source_for(core, optimizer, policy_acts=self.rule.acts,
                                  loss_reduction=loss_reduction, batch_first=batch_first,
                                  strategy=self.strategy, gram_dtype=self.gram_dtype,
-                                 params=params)
+                                 params=params, sketch_dim=self.config.sketch_dim,
+                                 sketch_seed=self.config.sketch_seed)
         try:
             if not dp:
                 self._check_coverage(core, optimizer, source.guarded_params())

@@ -119,3 +119,18 @@ def test_targets_are_judged_from_rows(bench):
     assert got["gg_monitor faster than opacus_hooks (mlp, B=128)"]["pass"] is False
     assert got["gg_monitor ≥ 3× faster than naive_gnq (mlp, B=128)"]["value"] == 4.0
     assert got["gg_monitor ≥ 10× less extra memory than naive_gnq (mlp, B=128)"]["pass"]
+
+
+def test_gpt2_rows_run_at_tiny_scale(bench):
+    pytest.importorskip("peft")
+    result = bench.run_suite(models=list(bench.LM_MODELS), scale="tiny", warmup=1, repeats=1,
+                             cell_budget_s=0.1, memory=False, scaling_batch_sizes=None,
+                             curvature=False, log=lambda s: None)
+    rows = {(r["model"], r["variant"]): r for r in result["results"]}
+    for model in bench.LM_MODELS:
+        for variant in bench.model_spec(model).variants:
+            row = rows[(model, variant)]
+            assert "error" not in row, row
+            assert row["batch_size"] == bench.LM_BATCH and row["median_step_s"] > 0
+    assert {t["target"].split(" (")[1] for t in result["targets"]} >= {
+        f"{m}, B={bench.LM_BATCH})" for m in bench.LM_MODELS}

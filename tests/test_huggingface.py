@@ -274,3 +274,26 @@ def test_unsupported_setups_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="loss_reduction"):
         GradGuardTrainer(model=_bert(), args=_args(tmp_path), train_dataset=TokenData(),
                          loss_reduction="none")
+
+
+@pytest.mark.parametrize("wrap", ["plain", "peft", "peft_causal_lm"])
+def test_trainer_loss_is_the_causal_lm_loss_through_wrappers(tmp_path, wrap):
+    """The trainer trains the model's own objective, also when peft wraps the model
+    (PeftModelForCausalLM used to be taken for a token classifier: no label shift)."""
+    peft = pytest.importorskip("peft")
+    model = _gpt2()
+    if wrap != "plain":
+        config = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                 task_type="CAUSAL_LM" if wrap == "peft_causal_lm" else None)
+        model = peft.get_peft_model(model, config)
+    assert gg.integrations.huggingface.is_causal_lm(model)
+    assert gg.integrations.huggingface.is_causal_lm(torch.compile(model))  # wraps, compiles lazily
+    trainer = GradGuardTrainer(model=model, args=_args(tmp_path), train_dataset=TokenData(),
+                               guard=gg.GradGuard(lam=LAM))
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    ids = torch.randint(0, VOCAB, (5, T), generator=g)  # no padding: every token counts
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    own = model(**batch).loss
+    with torch.no_grad():
+        mine = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(mine, own.detach())

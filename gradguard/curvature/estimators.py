@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -56,6 +56,7 @@ __all__ = [
     "hutchinson_trace",
     "input_curvature",
     "rademacher_vectors",
+    "token_loss",
     "zo_curvature",
 ]
 
@@ -547,9 +548,97 @@ def zo_curvature(
 # --------------------------------------------------------------------------------------
 
 
+class _FromEmbeddings(nn.Module):
+    """A token model seen as a function of its input embeddings: ``forward(embeds)`` runs
+    ``model(inputs_embeds=embeds, **extra)`` and returns the logits."""
+
+    def __init__(self, model: nn.Module, extra: dict[str, Tensor]):
+        super().__init__()
+        self.model = model
+        self.extra = extra
+
+    def forward(self, embeds: Tensor) -> Tensor:
+        out = self.model(inputs_embeds=embeds, **self.extra)
+        return out["logits"] if isinstance(out, Mapping) else out[0]
+
+
+def token_loss(logits: Tensor, labels: Tensor, *, causal: bool, ignore_index: int = -100
+               ) -> Tensor:
+    """Σ over examples of each example's mean token cross-entropy (``[B, T, V]`` logits,
+    ``[B, T]`` labels; shifted by one position for causal LMs), or plain cross-entropy
+    summed for ``[B, C]`` logits (sequence classification).
+
+    Example:
+        >>> loss = token_loss(torch.zeros(2, 3, 5), torch.tensor([[1, 2, 3], [0, 0, -100]]),
+        ...                   causal=True)
+        >>> round(loss.item(), 4), round(2 * math.log(5), 4)  # uniform logits: log V each
+        (3.2189, 3.2189)
+    """
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, labels.reshape(-1), reduction="sum")
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    tokens = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none",
+                             ignore_index=ignore_index)
+    return (tokens.sum(1) / (labels != ignore_index).sum(1).clamp(min=1)).sum()
+
+
+def _is_token_batch(model: nn.Module, x: Any) -> bool:
+    if isinstance(x, Mapping):
+        return True
+    return (isinstance(x, Tensor) and not x.is_floating_point()
+            and callable(getattr(model, "get_input_embeddings", None)))
+
+
+def _token_curvature(model: nn.Module, x: Any, y: Any, *, loss_fn: LossFn | None,
+                     chunk_size: int | None, example_ids: Tensor | None,
+                     generator: torch.Generator | None, **kwargs) -> Tensor:
+    """Curvature of a token model w.r.t. its input embeddings (see :func:`input_curvature`)."""
+    batch = dict(x) if isinstance(x, Mapping) else {"input_ids": x}
+    ids = batch.pop("input_ids", None)
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or not callable(get_embeddings):
+        raise TypeError(
+            "a dict batch needs integer 'input_ids' and a model with get_input_embeddings() "
+            "and an inputs_embeds argument (a Hugging Face model); for other token models "
+            "pass the embeddings as x and a model that starts after the embedding layer"
+        )
+    labels = batch.pop("labels", None)
+    if loss_fn is None:
+        from ..integrations.huggingface import is_causal_lm  # a HF model: transformers is here
+
+        causal = is_causal_lm(model)
+        y = y if y is not None else labels if labels is not None else ids if causal else None
+        if y is None:
+            raise ValueError("no targets: pass y, or 'labels' in the batch")
+
+        def loss_fn(logits: Tensor, target: Tensor) -> Tensor:
+            return token_loss(logits, target, causal=causal)
+
+    # One seed for every chunk, as in the float path (an example's vectors do not depend
+    # on chunk_size).
+    seed = int(draw_seed(generator))
+    n = ids.shape[0]
+    step = n if chunk_size is None else _check_positive_int(chunk_size, "chunk_size")
+    scores = []
+    for start in range(0, max(n, 1), step):  # chunked here, where the mask is split too
+        rows = slice(start, start + step)
+        with torch.no_grad():
+            embeds = get_embeddings()(ids[rows])
+        extra = {k: v[rows] if isinstance(v, Tensor) and v.shape[:1] == (n,) else v
+                 for k, v in batch.items()}
+        y_c = y[rows] if isinstance(y, Tensor) and y.shape[:1] == (n,) else y
+        ids_c = None if example_ids is None else example_ids[rows]
+        chunk_generator = torch.Generator(device=embeds.device).manual_seed(seed)
+        scores.append(input_curvature(_FromEmbeddings(model, extra), embeds, y_c,
+                                      loss_fn=loss_fn, example_ids=ids_c,
+                                      generator=chunk_generator, **kwargs))
+    return torch.cat(scores)
+
+
 def input_curvature(
     model: nn.Module,
-    x: Tensor,
+    x: Tensor | Mapping[str, Tensor],
     y: Any,
     *,
     estimator: str = "hutchinson",
@@ -575,8 +664,15 @@ def input_curvature(
         model: the network. It runs in eval mode; afterwards every submodule's training
             flag, every parameter's ``.grad`` and the global RNG state are as before.
             No layer may mix examples in eval mode (BatchNorm in eval is fine).
-        x: inputs ``[B, ...]``, floating point, on the model's device.
-        y: targets for ``loss_fn`` (class indices ``[B]`` for the default).
+        x: inputs ``[B, ...]``, floating point, on the model's device. For a token model
+            (a Hugging Face model: ``get_input_embeddings()`` and ``inputs_embeds``), token
+            ids ``[B, T]`` or a dict batch (``input_ids``, ``attention_mask``, ``labels``,
+            ...): curvature is then taken w.r.t. the input embeddings, the continuous input
+            of a token model, with the other entries passed to the model unchanged.
+        y: targets for ``loss_fn`` (class indices ``[B]`` for the default). For token
+            batches ``None`` takes the batch's ``labels`` (or, for a causal LM, the
+            ``input_ids``), and the default loss is :func:`token_loss` (each example's
+            mean token loss, shifted for causal LMs, summed over examples).
         estimator: ``"hutchinson"`` (trace, signed), ``"fd"`` (white-box, ≈ h‖Hv‖) or
             ``"zo"`` (black-box, forward only, ≈ h|vᵀHu|).
         n_vectors: random vectors per example (the papers use 10; ``zo`` makes 4 forward
@@ -609,6 +705,10 @@ def input_curvature(
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}: choose one of "
                          f"{', '.join(repr(e) for e in ESTIMATORS)}")
+    if _is_token_batch(model, x):
+        return _token_curvature(model, x, y, loss_fn=loss_fn, chunk_size=chunk_size,
+                                example_ids=example_ids, estimator=estimator,
+                                n_vectors=n_vectors, h=h, generator=generator)
     _check_float_input(x)
     n_vectors = _check_positive_int(n_vectors, "n_vectors")
     h = _check_h(h)

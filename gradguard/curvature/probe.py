@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,6 +251,13 @@ class CurvatureProbe:
     def _load_examples(self) -> None:
         mx, my = _gather(self.members, self.member_indices, "members")
         nx, ny = _gather(self.nonmembers, self.nonmember_indices, "nonmembers")
+        if isinstance(mx, dict) or isinstance(nx, dict):  # token batches (Hugging Face style)
+            if not (isinstance(mx, dict) and isinstance(nx, dict)) or mx.keys() != nx.keys() \
+                    or any(mx[k].shape[1:] != nx[k].shape[1:] for k in mx):
+                raise ValueError("members and nonmembers must both be dict examples with the "
+                                 "same keys and shapes")
+            self._x, self._y = {k: torch.cat([mx[k], nx[k]]) for k in mx}, None
+            return
         if mx.shape[1:] != nx.shape[1:]:
             raise ValueError(f"members and nonmembers have inputs of different shapes "
                              f"{tuple(mx.shape[1:])} and {tuple(nx.shape[1:])}")
@@ -300,8 +308,11 @@ class CurvatureProbe:
         step = _step(step)
         start = time.perf_counter()
         device, dtype = _model_device_dtype(model)
-        x = self._x.to(device=device, dtype=dtype or self._x.dtype)
-        y = self._y.to(device)
+        if isinstance(self._x, dict):  # token ids etc.: device only, never a float cast
+            x, y = {k: v.to(device) for k, v in self._x.items()}, None
+        else:
+            x = self._x.to(device=device, dtype=dtype or self._x.dtype)
+            y = self._y.to(device)
         generator = torch.Generator(device=device).manual_seed(step_seed(self.seed, step))
         scores = input_curvature(
             model, x, y, estimator=self.estimator, n_vectors=self.n_vectors, h=self.h,
@@ -454,10 +465,19 @@ def _sample_indices(size: int, n: int, generator: torch.Generator) -> Tensor:
     return torch.randperm(size, generator=generator)[: min(n, size)].sort().values
 
 
-def _gather(dataset: Any, indices: Tensor, name: str) -> tuple[Tensor, Tensor]:
+def _gather(dataset: Any, indices: Tensor, name: str) -> tuple[Tensor | dict, Tensor | None]:
+    items = [dataset[index] for index in indices.tolist()]
+    if items and all(isinstance(item, Mapping) for item in items):
+        # Hugging Face style examples (input_ids, attention_mask, labels): curvature is
+        # taken w.r.t. the input embeddings (see input_curvature).
+        try:
+            return {k: torch.stack([torch.as_tensor(item[k]) for item in items])
+                    for k in items[0]}, None
+        except (KeyError, RuntimeError) as err:
+            raise ValueError(f"{name} dict examples must all have the same keys and shapes "
+                             f"to be probed together ({err!r})") from err
     xs, ys = [], []
-    for index in indices.tolist():
-        item = dataset[index]
+    for index, item in zip(indices.tolist(), items):
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise TypeError(f"{name}[{index}] must be an (x, y) pair, got "
                             f"{type(item).__name__}")
@@ -465,8 +485,10 @@ def _gather(dataset: Any, indices: Tensor, name: str) -> tuple[Tensor, Tensor]:
         if not x.is_floating_point():
             raise TypeError(
                 f"{name}[{index}] has input dtype {x.dtype}: input curvature needs "
-                f"continuous inputs. For token ids, probe in embedding space: give the "
-                f"probe datasets of embeddings and a model that starts after the embedding"
+                f"continuous inputs. For token ids, give the probe dict examples "
+                f"(input_ids, attention_mask, labels) and a Hugging Face model, scored "
+                f"w.r.t. the input embeddings; or datasets of embeddings and a model that "
+                f"starts after the embedding"
             )
         xs.append(x)
         ys.append(y)

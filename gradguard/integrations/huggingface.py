@@ -23,9 +23,15 @@ integration is a subclass, :class:`GradGuardTrainer`, used exactly like ``Traine
 
 GNQ runs on gradguard's exact sequence kernels: ``nn.Linear`` over ``[B, T, d]`` uses the
 sequence ghost kernel Σ_{t,s}(a_it·a_js)(δ_it·δ_js) (or materialises, whichever is
-cheaper), ``nn.Embedding`` its index kernel; layers with no ghost kernel (LayerNorm,
-GPT-2's ``Conv1D``, tied embedding/head weights) materialise their per-example gradients.
-``trainer.guard.hooks.layer_routes()`` says which route each layer took.
+cheaper), ``nn.Embedding`` its index kernel, GPT-2's ``Conv1D`` the Linear kernel, and a
+weight tied between the embedding and the LM head the ghost Gram of both uses with their
+cross terms (or materialises, whichever is cheaper); layers with no ghost kernel
+(LayerNorm) materialise their per-example gradients. ``trainer.guard.hooks.layer_routes()``
+says which route each layer took.
+
+Causal language models are recognised through their wrappers (peft, DDP,
+``torch.compile``; :func:`is_causal_lm`), so their labels are shifted as the model's own
+loss shifts them.
 
 Supported: ``gradient_accumulation_steps=1``; fp32 or bf16 (fp16 loss scaling would scale
 every per-example gradient); single process or DDP (``torchrun``), where the ranks agree
@@ -57,11 +63,51 @@ from ..engine import GradGuard
 from ..optimizer import GuardedOptimizer
 from ..rundir import STATE_FILE, load_state
 
-__all__ = ["GradGuardTrainer", "per_example_loss", "INDEX_KEY", "STATE_FILE"]
+__all__ = ["GradGuardTrainer", "per_example_loss", "base_model", "is_causal_lm", "INDEX_KEY",
+           "STATE_FILE"]
 
 #: Key under which each training example carries its dataset index through the collator.
 INDEX_KEY = "gradguard_index"
 #: File the guard's state is saved to in each checkpoint directory.
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The model inside its wrappers: DDP / DataParallel (``.module``), ``torch.compile``
+    (``._orig_mod``) and peft (``get_base_model()``), in any nesting.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> base_model(torch.nn.DataParallel(net)) is net
+        True
+    """
+    for _ in range(16):  # wrappers nest a few levels at most; never loop forever
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            inner = model._orig_mod
+        elif callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
+    return model
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` (through its wrappers, see :func:`base_model`) is a causal language
+    model of ``transformers``, whose labels must be shifted by one position.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11))
+        >>> is_causal_lm(torch.nn.DataParallel(gpt2)), is_causal_lm(torch.nn.Linear(2, 2))
+        (True, False)
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(base_model(model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, *, causal_lm: bool = False,
@@ -283,7 +329,7 @@ class GradGuardTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _unwrapped(self, model) -> nn.Module:
-        return self.accelerator.unwrap_model(model)
+        return base_model(self.accelerator.unwrap_model(model))
 
     def _expand_positions(self, model, inputs: dict) -> None:
         # Left to themselves, most models build position_ids as [1, T] and let the position
@@ -298,9 +344,7 @@ class GradGuardTrainer(Trainer):
         inputs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
 
     def _is_causal_lm(self, model) -> bool:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        return type(self._unwrapped(model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        return is_causal_lm(self._unwrapped(model))
 
     def _problem_type(self, model) -> str | None:
         config = getattr(self._unwrapped(model), "config", None)

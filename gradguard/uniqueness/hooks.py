@@ -31,13 +31,22 @@ from .kernels import (
     LayerKernel,
     LinearKernel,
     kernel_for,
+    tied_embedding_head_costs,
+    tied_embedding_head_gram,
 )
 from .kernels.base import _gram_of
+from .kernels.sketch import (
+    AUTO_SKETCH_MULTIPLE,
+    DEFAULT_SKETCH_DIM,
+    can_sketch,
+    sketch_costs,
+    sketched_gram,
+)
 from .provenance import MERGED, BatchTracker, SharedOutput, UnsupportedLayerError
 
 __all__ = ["GramHooks", "per_example_gnq", "UnsupportedLayerError"]
 
-_STRATEGIES = ("auto", "ghost", "materialise")
+_STRATEGIES = ("auto", "ghost", "materialise", "sketch")
 
 
 # Kernels that act position by position on their input's leading dimensions, so a call on
@@ -113,8 +122,14 @@ class GramHooks:
         loss_reduction: ``"mean"`` or ``"sum"``, how the user's loss reduces over the batch.
         batch_first: whether the model's inputs have the batch as their first dimension
             (else the second); B is read from the first tensor argument.
-        strategy: ``"auto"`` (per layer, the cheaper of ghost kernel and materialisation),
-            ``"ghost"`` (ghost kernels wherever they exist) or ``"materialise"``.
+        strategy: ``"auto"`` (per layer, the cheaper of ghost kernel and materialisation;
+            a sketch only where both cost more than ``AUTO_SKETCH_MULTIPLE`` × the layer's
+            backward), ``"ghost"`` (ghost kernels wherever they exist), ``"materialise"``,
+            or ``"sketch"`` (affine layers larger than the sketch take a random-projection
+            estimate of their Gram, :mod:`~gradguard.uniqueness.kernels.sketch`; other
+            layers, e.g. norms and embeddings, their exact routes).
+        sketch_dim: per-layer sketch size, blocks·k_in·k_out (default ``DEFAULT_SKETCH_DIM``).
+        sketch_seed: seed of the sketch projections (the same on every rank and resume).
         gram_dtype: dtype in which layer Grams are computed (they are always summed in
             float64). Default: float64 for float64 models, float32 otherwise (inputs in
             half precision are promoted).
@@ -138,7 +153,8 @@ class GramHooks:
 
     def __init__(self, module: nn.Module, *, loss_reduction: str = "mean", batch_first: bool = True,
                  strategy: str = "auto", gram_dtype: torch.dtype | None = None,
-                 params: Iterable[nn.Parameter] | None = None):
+                 params: Iterable[nn.Parameter] | None = None, sketch_dim: int | None = None,
+                 sketch_seed: int = 0):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(
                 f"loss_reduction must be 'mean' or 'sum' (how your loss reduces over the batch), "
@@ -150,6 +166,11 @@ class GramHooks:
         self.loss_reduction = loss_reduction
         self.batch_first = batch_first
         self.strategy = strategy
+        if sketch_dim is not None and (not isinstance(sketch_dim, int) or sketch_dim < 1):
+            raise ValueError(f"sketch_dim must be a positive integer (the per-layer sketch size), "
+                             f"got {sketch_dim!r}")
+        self.sketch_dim = DEFAULT_SKETCH_DIM if sketch_dim is None else sketch_dim
+        self.sketch_seed = int(sketch_seed)
         self._restrict = None if params is None else {id(p) for p in params}
         if gram_dtype is None:
             first = next(module.parameters(), None)
@@ -544,6 +565,29 @@ class GramHooks:
             return False
         return self.strategy == "ghost" or ghost <= materialise
 
+    def _tied_uses(self, uses, calls):
+        return [(self._owners[idx].module, self._owners[idx].kernel, calls[idx])
+                for idx, _, _ in uses]
+
+    def _tied_ghost(self, uses, calls, batch: int) -> bool:
+        """Whether a tied weight (an embedding and its LM head) takes its ghost Gram."""
+        if self.strategy == "materialise":
+            return False
+        ghost, materialise = tied_embedding_head_costs(self._tied_uses(uses, calls), batch)
+        if ghost == float("inf"):
+            return False
+        return self.strategy == "ghost" or ghost <= materialise
+
+    def _use_sketch(self, owner: _Owner, calls, batch: int, names) -> bool:
+        if self.strategy not in ("sketch", "auto") or not can_sketch(
+                owner.kernel, owner.module, names, self.sketch_dim):
+            return False
+        if self.strategy == "sketch":
+            return True
+        cost, backward = sketch_costs(owner.kernel, owner.module, calls, self.sketch_dim)
+        exact = min(owner.kernel.costs(owner.module, calls, batch, names))
+        return exact > AUTO_SKETCH_MULTIPLE * backward and cost < exact
+
     def gram(self) -> torch.Tensor:
         """The B×B Gram of per-example gradients of the guarded parameters (float64).
 
@@ -562,13 +606,21 @@ class GramHooks:
                 if not names:
                     continue
                 o = self._owners[idx]
-                if self._use_ghost(o, calls[idx], batch, names):
+                if self._use_sketch(o, calls[idx], batch, names):
+                    K += sketched_gram(o.kernel, o.module, calls[idx], batch, names,
+                                       self.gram_dtype, sketch_dim=self.sketch_dim,
+                                       seed=self.sketch_seed, key=o.path)
+                elif self._use_ghost(o, calls[idx], batch, names):
                     K += o.kernel.gram(o.module, calls[idx], batch, names, self.gram_dtype)
                 else:
                     grads = o.kernel.per_example_grads(o.module, calls[idx], batch, names)
                     if grads:
                         K += _gram_of(grads.values(), batch, self.gram_dtype)
             for uses in tied.values():
+                if self._tied_ghost(uses, calls, batch):
+                    K += tied_embedding_head_gram(self._tied_uses(uses, calls), batch,
+                                                  self.gram_dtype)
+                    continue
                 g = None
                 for idx, n, _ in uses:
                     o = self._owners[idx]
@@ -681,18 +733,22 @@ class GramHooks:
         return self._scale
 
     def layer_routes(self) -> dict[str, str]:
-        """For the last captured step: each layer's route, ``"ghost"`` or ``"materialise"``."""
+        """For the last captured step: each layer's route, ``"ghost"``, ``"materialise"``
+        or ``"sketch"``."""
         batch, calls = self._collect()
         solo, tied = self._plan(calls)
         routes = {}
         for idx, names in solo.items():
             o = self._owners[idx]
-            if names:
+            if names and self._use_sketch(o, calls[idx], batch, names):
+                routes[o.path] = "sketch"
+            elif names:
                 routes[o.path] = "ghost" if self._use_ghost(o, calls[idx], batch, names) \
                     else "materialise"
         for uses in tied.values():
+            route = "ghost" if self._tied_ghost(uses, calls, batch) else "materialise"
             for idx, n, _ in uses:
-                routes[f"{self._owners[idx].path}.{n} (tied)"] = "materialise"
+                routes[f"{self._owners[idx].path}.{n} (tied)"] = route
         return routes
 
 
@@ -714,7 +770,8 @@ def _first_param_device(module: nn.Module) -> torch.device:
 
 def per_example_gnq(model: nn.Module, loss_fn, x, y, lam: float = 1e-2, *, relative: bool = False,
                     strategy: str = "auto", batch_first: bool = True,
-                    gram_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    gram_dtype: torch.dtype | None = None, sketch_dim: int | None = None,
+                    sketch_seed: int = 0) -> torch.Tensor:
     """One-shot GNQ of every example in a batch, with the same engine as :class:`GradGuard`.
 
     The model's parameters' ``.grad`` are left untouched.
@@ -726,9 +783,12 @@ def per_example_gnq(model: nn.Module, loss_fn, x, y, lam: float = 1e-2, *, relat
         y: the targets.
         lam: ridge λ > 0 (or ρ with ``relative=True``).
         relative: use λ = ρ·trace(K)/B.
-        strategy: ``"auto"``, ``"ghost"`` or ``"materialise"``.
+        strategy: ``"auto"``, ``"ghost"``, ``"materialise"`` or ``"sketch"`` (see
+            :class:`GramHooks`).
         batch_first: whether inputs are batch first.
         gram_dtype: dtype of the layer Grams (default float32, float64 for float64 models).
+        sketch_dim: per-layer sketch size under ``strategy="sketch"``.
+        sketch_seed: seed of the sketch projections.
 
     Returns:
         ``[B]`` float64 GNQ.
@@ -742,7 +802,7 @@ def per_example_gnq(model: nn.Module, loss_fn, x, y, lam: float = 1e-2, *, relat
         torch.Size([8])
     """
     hooks = GramHooks(model, loss_reduction="sum", strategy=strategy, batch_first=batch_first,
-                      gram_dtype=gram_dtype)
+                      gram_dtype=gram_dtype, sketch_dim=sketch_dim, sketch_seed=sketch_seed)
     try:
         inputs = x if isinstance(x, tuple) else (x,)
         loss = loss_fn(model(*inputs), y)

@@ -31,11 +31,20 @@ from .embedding import EmbeddingBagKernel, EmbeddingKernel
 from .functional import FunctionalKernel, GradSamplerKernel
 from .linear import LinearKernel
 from .recurrent import RecurrentKernel
+from .transformers import (
+    Conv1DKernel,
+    register_transformers_kernels,
+    tied_embedding_head_costs,
+    tied_embedding_head_gram,
+)
 
 __all__ = [
     "LayerCall",
     "LayerKernel",
     "LinearKernel",
+    "Conv1DKernel",
+    "tied_embedding_head_gram",
+    "tied_embedding_head_costs",
     "ConvKernel",
     "EmbeddingKernel",
     "EmbeddingBagKernel",
@@ -127,4 +136,5 @@ def kernel_for(module: nn.Module) -> LayerKernel:
     if not _opacus_borrowed and (isinstance(module, _NORM_LAYERS)
                                  or type(module).__module__.startswith("opacus.")):
         _register_opacus_samplers()
+    register_transformers_kernels(KERNELS)  # only once transformers is imported
     return KERNELS.get(type(module), _FALLBACK)

@@ -1,0 +1,190 @@
+"""GPT-2's Conv1D and the tied embedding / LM head against per-example brute force (float64).
+
+References: one autograd pass per example on its own (tiny GPT-2 configs built from
+``transformers`` configs, fresh seeds) and explicit batch-space solves per example.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+from gradguard.uniqueness.gnq import gnq_from_gram  # noqa: E402
+from gradguard.uniqueness.hooks import GramHooks  # noqa: E402
+from tests.reference import ce_sum, per_example_grads  # noqa: E402
+
+F64 = torch.float64
+transformers.logging.set_verbosity_error()
+
+
+def fresh_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+def tiny_gpt2(seed: int) -> GPT2LMHeadModel:
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=32,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(cfg).to(F64)
+
+
+def causal_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                           reduction="sum")
+
+
+def brute_force_grads(model, ids) -> torch.Tensor:
+    """[B, P]: each example's loss differentiated on its own."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(ids.shape[0]):
+        loss = causal_loss(model(input_ids=ids[i:i + 1]).logits, ids[i:i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def gnq_push_through(G: torch.Tensor, lam: float) -> torch.Tensor:
+    """GNQ_j = (‖g_j‖² − vᵀ(λI + G₋ⱼG₋ⱼᵀ)⁻¹v)/λ, v = G₋ⱼ g_j: one explicit solve per example
+    in batch space (a P × P solve would not fit in memory at GPT-2's P)."""
+    out = []
+    for j in range(G.shape[0]):
+        others = torch.cat([G[:j], G[j + 1:]])
+        v = others @ G[j]
+        inner = torch.linalg.solve(lam * torch.eye(others.shape[0], dtype=G.dtype)
+                                   + others @ others.T, v)
+        out.append((G[j] @ G[j] - v @ inner) / lam)
+    return torch.stack(out)
+
+
+def hooked_gram(model, ids, strategy) -> tuple[torch.Tensor, dict]:
+    hooks = GramHooks(model, loss_reduction="sum", strategy=strategy)
+    try:
+        positions = torch.arange(ids.shape[1]).expand_as(ids)  # until HF plumbing expands them
+        causal_loss(model(input_ids=ids, position_ids=positions).logits, ids).backward()
+        return hooks.gram(), hooks.layer_routes()
+    finally:
+        hooks.remove()
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "auto", "materialise"])
+def test_gpt2_gram_and_gnq_match_brute_force(strategy):
+    seed = fresh_seed()
+    model = tiny_gpt2(seed)
+    ids = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(seed))
+    K, routes = hooked_gram(model, ids, strategy)
+    G = brute_force_grads(model, ids)
+    torch.testing.assert_close(K, G @ G.T, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gnq_from_gram(K, 1e-2), gnq_push_through(G, 1e-2), rtol=1e-6,
+                               atol=1e-9)
+    if strategy == "ghost":  # Conv1D and the tied head/embedding take their ghost Grams
+        assert routes["transformer.h.0.attn.c_attn"] == "ghost"
+        assert routes["transformer.h.1.mlp.c_proj"] == "ghost"
+        assert routes["lm_head.weight (tied)"] == routes["transformer.wte.weight (tied)"] == "ghost"
+
+
+def test_conv1d_weighted_grads_match_brute_force():
+    seed = fresh_seed()
+    model = tiny_gpt2(seed)
+    ids = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(seed))
+    w = torch.rand(4, dtype=F64, generator=torch.Generator().manual_seed(seed + 1))
+    hooks = GramHooks(model, loss_reduction="sum", strategy="ghost")
+    causal_loss(model(input_ids=ids, position_ids=torch.arange(9).expand_as(ids)).logits,
+                ids).backward()
+    out = hooks.weighted_grads(w)
+    grads = {p: p.grad.clone() for p in model.parameters()}
+    for p in grads:
+        p.grad.zero_()
+    hooks.add_weighted_grads_(w)
+    added = {p: p.grad.clone() for p in model.parameters()}
+    hooks.remove()
+    G = brute_force_grads(model, ids)
+    ref = w @ G
+    start = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        expected = ref[start:start + n].reshape(p.shape)
+        start += n
+        if "c_attn" in name or "c_fc" in name or "c_proj" in name:
+            torch.testing.assert_close(out[p], expected, rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(added[p], expected, rtol=1e-9, atol=1e-10)
+
+
+class TiedLM(nn.Module):
+    """Embedding → tanh Linear → head tied to the embedding (GPT-2's layout, any sizes)."""
+
+    def __init__(self, vocab: int, dim: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mid = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(1, 5), T=st.integers(1, 6), vocab=st.integers(2, 12), dim=st.integers(1, 5),
+       seed=st.integers(0, 2**31 - 1))
+def test_property_tied_embedding_head_gram(B, T, vocab, dim, seed):
+    torch.manual_seed(seed)
+    model = TiedLM(vocab, dim).to(F64)
+    ids = torch.randint(0, vocab, (B, T))  # small vocabularies: repeated tokens
+    y = torch.randint(0, vocab, (B, T))
+    hooks = GramHooks(model, loss_reduction="sum", strategy="ghost")
+    ce_sum(model(ids), y).backward()
+    K, routes = hooks.gram(), hooks.layer_routes()
+    hooks.remove()
+    assert routes["head.weight (tied)"] == "ghost"
+    G = per_example_grads(model, ce_sum, ids, y)
+    torch.testing.assert_close(K, G @ G.T, rtol=1e-9, atol=1e-10)
+
+
+def test_tied_gram_over_micro_batches():
+    """Two forwards before one step: the cross terms between micro-batches are counted."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = TiedLM(11, 4).to(F64)
+    ids, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 11, (5, 4))
+    hooks = GramHooks(model, loss_reduction="sum", strategy="ghost")
+    ce_sum(model(ids[:2]), y[:2]).backward()
+    ce_sum(model(ids[2:]), y[2:]).backward()
+    K = hooks.gram()
+    hooks.remove()
+    G = per_example_grads(model, ce_sum, ids, y)
+    torch.testing.assert_close(K, G @ G.T, rtol=1e-9, atol=1e-10)
+
+
+def test_conv1d_alone_with_bias_on_vectors_and_sequences():
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = nn.Sequential(Conv1D(6, 3), nn.Tanh(), Conv1D(4, 6)).to(F64)
+    for shape in ((5, 3), (5, 7, 3)):
+        x = torch.randn(*shape, dtype=F64)
+        y = torch.randint(0, 4, shape[:-1])
+        G = per_example_grads(model, ce_sum, x, y)
+        for strategy in ("ghost", "materialise"):
+            hooks = GramHooks(model, loss_reduction="sum", strategy=strategy)
+            ce_sum(model(x), y).backward()
+            torch.testing.assert_close(hooks.gram(), G @ G.T, rtol=1e-9, atol=1e-10)
+            hooks.remove()
+            model.zero_grad(set_to_none=True)
+
+
+def test_import_gradguard_does_not_import_transformers():
+    code = "import sys, gradguard; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
