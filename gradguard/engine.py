@@ -354,7 +354,8 @@ class GradGuard:
             for p in group["params"]:
                 if id(p) not in names:
                     foreign.append(tuple(p.shape))
-                elif id(p) not in covered:
+                elif id(p) not in covered and p.requires_grad:
+                    # (frozen ones get no gradient: the optimizer leaves them alone)
                     unguarded.append(names[id(p)])
         if foreign:
             raise ValueError(

@@ -294,6 +294,24 @@ def test_optimizer_must_update_only_guarded_parameters():
     guard.close()
 
 
+def test_frozen_parameters_may_sit_in_the_optimizer():
+    """LoRA-style: frozen base weights in the optimizer are accepted and stay put."""
+    model = make_mlp()
+    model[0].weight.requires_grad_(False)
+    guard = gg.GradGuard(policy="drop", threshold=gg.Quantile(0.5))
+    model, opt, loader = guard.make_guarded(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(make_data(n=8), batch_size=4))
+    frozen_before = model[0].weight.detach().clone()
+    for x, y in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert torch.equal(model[0].weight, frozen_before)
+    assert not torch.equal(model[2].weight, make_mlp()[2].weight)
+    guard.close()
+
+
 def test_second_guard_on_the_same_model_is_refused():
     model = make_mlp()
     first = gg.GradGuard()
