@@ -180,9 +180,93 @@ def test_hooks_and_strategy_restored_after_fit(tmp_path):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
 
 
+def _batches_seen(lit) -> list[list[int]]:
+    """Which examples each batch held, read off the inputs training_step received."""
+    X = _data().tensors[0]
+    return [[int((row == X).all(1).nonzero()) for row in x] for x in lit.seen]
+
+
+ACC = 3  # 4 batches per epoch: windows of 3 batches and of 1 (the epoch's end steps early)
+
+
+def test_accumulation_monitor_leaves_training_bit_for_bit(tmp_path):
+    plain, _ = _fit(tmp_path / "plain", accumulate_grad_batches=ACC)
+    cb = GradGuardCallback(policy="monitor", lam=LAM)
+    guarded, _ = _fit(tmp_path / "guarded", cb, accumulate_grad_batches=ACC)
+    for a, b in zip(plain.parameters(), guarded.parameters()):
+        assert torch.equal(a, b)
+    assert cb.guard.step == 2 * 2  # two optimizer steps per epoch
+    assert int(cb.guard.ledger.steps_seen.sum()) == 2 * N
+
+
+def test_accumulation_first_window_gnq_matches_torch_func(tmp_path):
+    """accumulate_grad_batches=3: the 3 micro-batches are one logical batch of 18, GNQ in
+    the per-example scale (Lightning divides each micro-batch's loss by 3)."""
+    cb = GradGuardCallback(policy="monitor", lam=LAM)
+    lit, _ = _fit(tmp_path, cb, max_steps=1, accumulate_grad_batches=ACC)
+    window = [i for b in _batches_seen(lit)[:ACC] for i in b]
+    assert cb.guard.last_indices.tolist() == window
+    x, y = _data().tensors
+    G = per_example_grads(_net().double(), ce_sum, x[window].double(), y[window])
+    torch.testing.assert_close(cb.guard.last_gnq, gnq_explicit(G, LAM), rtol=1e-4, atol=1e-6)
+
+
+def test_accumulation_drop_policy_matches_plain_loop(tmp_path):
+    """The callback under accumulate_grad_batches=3 equals the plain-loop guard with
+    (loss / 3).backward() and accumulation_steps=3 over the same micro-batches."""
+    kwargs = dict(policy="drop", threshold=gg.Quantile(0.7, window=2), lam=LAM)
+    cb = GradGuardCallback(**kwargs)
+    lit, _ = _fit(tmp_path, cb, accumulate_grad_batches=ACC)
+    batches = _batches_seen(lit)
+    assert len(batches) == 2 * N // BATCH
+
+    net = _net()
+    guard = gg.GradGuard(**kwargs)
+    model, opt, loader = guard.make_guarded(
+        module=net, optimizer=torch.optim.SGD(net.parameters(), lr=LR),
+        data_loader=DataLoader(_data(), batch_sampler=batches), accumulation_steps=ACC)
+    micro = iter(loader)
+    per_epoch = N // BATCH
+    for _ in range(2):
+        for size in (ACC, per_epoch - ACC):
+            opt.zero_grad()
+            for _ in range(size):
+                x, y = next(micro)
+                (F.cross_entropy(model(x), y) / ACC).backward()
+            opt.step()
+    assert guard.step == cb.guard.step == 4
+    assert float(guard.summary()["dropped_total"]) > 0
+    for name in ("steps_seen", "cum_gnq", "max_gnq", "cum_bound", "last_step"):
+        torch.testing.assert_close(getattr(cb.guard.ledger, name), getattr(guard.ledger, name))
+    for a, b in zip(lit.net.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b)
+    guard.close()
+
+
+def test_metrics_reach_the_trainers_csv_logger(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = GradGuardCallback(policy="drop", threshold=gg.Quantile(0.7, window=2), lam=LAM)
+    module = LitClassifier()
+    trainer = _trainer(tmp_path, [cb], log_every_n_steps=1)
+    trainer.loggers = [CSVLogger(str(tmp_path), name="csv")]
+    trainer.fit(module, _loader())
+    import csv
+
+    with open(os.path.join(trainer.loggers[0].log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("gradguard/gnq/mean")]
+    assert len(rows) == cb.guard.step == 2 * N // BATCH
+    last = rows[-1]
+    # the values of the run's last step, as the guard itself holds them
+    torch.testing.assert_close(float(last["gradguard/gnq/mean"]),
+                               float(cb.guard.last_gnq.double().mean()), rtol=1e-6, atol=0)
+    summary = cb.guard.summary()
+    assert float(last["gradguard/disclosure/max"]) == pytest.approx(summary["max_bound"])
+    assert float(last["gradguard/disclosure/mean"]) == pytest.approx(summary["mean_bound"])
+    assert float(last["gradguard/policy/dropped_total"]) == summary["dropped_total"] > 0
+
+
 def test_unsupported_setups_fail_clearly(tmp_path):
-    with pytest.raises(ValueError, match="accumulate_grad_batches"):
-        _fit(tmp_path, GradGuardCallback(policy="monitor"), accumulate_grad_batches=2)
     with pytest.raises(ValueError, match="threshold"):
         GradGuardCallback(policy="drop")
     with pytest.raises(ValueError, match="loss_reduction"):
