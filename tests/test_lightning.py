@@ -8,6 +8,7 @@ P×P solves; checkpoint round trip and resume; the TensorBoard run directory.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -266,7 +267,48 @@ def test_metrics_reach_the_trainers_csv_logger(tmp_path):
     assert float(last["gradguard/policy/dropped_total"]) == summary["dropped_total"] > 0
 
 
+def _fp16(init_scale: float) -> dict:
+    # Lightning maps precision="16-mixed" to bf16 on CPU; its plugin with a CPU GradScaler
+    # runs real fp16 autocast and loss scaling.
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return dict(plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_gnq_in_the_losss_true_scale(tmp_path, precision):
+    """fp16 with a loss scale of 2¹² (GNQ would be 2²⁴ too large unscaled) and bf16: GNQ
+    against float64 torch.func gradients, within the half-precision rounding."""
+    cb = GradGuardCallback(policy="monitor", lam=LAM)
+    kwargs = _fp16(2.0**12) if precision == "16-mixed" else dict(precision=precision)
+    _, trainer = _fit(tmp_path, cb, max_steps=1, **kwargs)
+    assert trainer.precision == precision
+    idx = cb.guard.last_indices
+    x, y = _data().tensors
+    G = per_example_grads(_net().double(), ce_sum, x[idx].double(), y[idx])
+    torch.testing.assert_close(cb.guard.last_gnq, gnq_explicit(G, LAM), rtol=5e-2, atol=0)
+
+
+def test_fp16_skipped_steps_are_not_steps(tmp_path):
+    """A huge initial loss scale overflows: the GradScaler skips those steps (and halves
+    the scale) until it fits. The guard counts only the steps taken, each with its own
+    batch's examples; training is unchanged."""
+    init = 2.0**20  # fp16 overflows above 65504
+    plain, _ = _fit(tmp_path / "plain", **_fp16(init), max_epochs=3)
+    cb = GradGuardCallback(policy="monitor", lam=LAM)
+    guarded, trainer = _fit(tmp_path / "guarded", cb, **_fp16(init), max_epochs=3)
+    for a, b in zip(plain.parameters(), guarded.parameters()):
+        assert torch.equal(a, b)
+    skipped = round(math.log2(init / trainer.precision_plugin.scaler.get_scale()))
+    assert skipped > 0, "no step overflowed: the test is vacuous"
+    assert cb.guard.step == 3 * N // BATCH - skipped
+    assert int(cb.guard.ledger.steps_seen.sum()) == BATCH * cb.guard.step
+
+
 def test_unsupported_setups_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="16-true"):
+        _fit(tmp_path, GradGuardCallback(policy="monitor"), precision="16-true")
     with pytest.raises(ValueError, match="threshold"):
         GradGuardCallback(policy="drop")
     with pytest.raises(ValueError, match="loss_reduction"):

@@ -16,9 +16,17 @@ change to the LightningModule:
   (``trainer.logger.log_dir``), so its ``gradguard/`` tags show up in the same
   TensorBoard run as the Trainer's metrics.
 
+Gradient accumulation (``accumulate_grad_batches=N``): the N batches of one optimizer step
+form one logical batch, GNQ in the per-example scale (Lightning's ``loss / N`` is undone).
+fp16 mixed precision (``"16-mixed"``): GNQ in the loss's true scale, read from the
+precision plugin's ``GradScaler``; steps the scaler skips for inf/NaN are not steps.
+bf16 (``"bf16-mixed"``) needs nothing special. Metrics: after each optimizer step the
+callback logs ``gradguard/gnq/{mean,max}``, ``gradguard/disclosure/{max,mean}`` and the
+policy's cumulative counts with ``pl_module.log_dict``, so every Lightning logger (CSV,
+W&B, MLflow, TensorBoard) receives them at the Trainer's ``log_every_n_steps``.
+
 Supported: automatic optimisation, or manual optimisation with one optimizer step per
-batch; one optimizer; ``accumulate_grad_batches=1``; 32/64-bit or bf16 precision (fp16
-mixed precision scales the loss, which would scale every per-example gradient); single
+batch; one optimizer; 32/64-bit, bf16 or fp16-mixed precision; single
 device or the DDP strategies (``"ddp"``, ``"ddp_spawn"``, ...), where the ranks agree as
 described in :mod:`gradguard.distributed`.
 
@@ -117,8 +125,8 @@ class GradGuardCallback(Callback):
 
     Raises:
         ValueError: bad GradGuard arguments (at construction), or a Trainer setup
-            gradguard cannot measure (at ``fit``): gradient accumulation, several
-            optimizers, fp16 mixed precision, a non-DDP multi-device strategy, or an
+            gradguard cannot measure (at ``fit``): several optimizers, fp16 without a
+            GradScaler (``"16-true"``), a non-DDP multi-device strategy, or an
             iterable-style training dataset.
 
     Example:
@@ -250,6 +258,12 @@ class GradGuardCallback(Callback):
             raise RuntimeError("GradGuardCallback lost track of the batches' dataset indices "
                                "(the training DataLoader was iterated outside the fit loop?)")
         # Batches arrive in the order their index lists were drawn (prefetching included).
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            # A new window (Lightning zeroes the gradients in its first closure). Anything
+            # still pending belongs to a step the fp16 GradScaler skipped for inf/NaN
+            # (scaler.step never called ours): not a step, so forget its examples.
+            self._optimizer.forget_indices()
+            self.guard.on_zero_grad(self._optimizer)
         # Under accumulate_grad_batches=N, the N batches of a window form one logical batch.
         self._optimizer.add_indices(torch.tensor(self._recorder.drawn.popleft(),
                                                  dtype=torch.long))
