@@ -382,10 +382,29 @@ def test_metrics_reach_the_log_history(tmp_path):
     assert maxima == sorted(maxima)
 
 
+def test_bf16_gnq_matches_independent_reference(tmp_path):
+    """bf16 autocast on CPU: GNQ against float64 per-example gradients, within bf16
+    rounding (the layers do run in bf16)."""
+    model = _gpt2()
+    initial = copy.deepcopy(model)
+    dtypes = []
+    model.lm_head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    data = TokenData(causal=True)
+    trainer = GradGuardTrainer(model=model, args=_args(tmp_path, max_steps=1, bf16=True),
+                               train_dataset=data, guard=gg.GradGuard(lam=LAM))
+    trainer.train()
+    assert dtypes == [torch.bfloat16]
+    G = _per_example_grads(initial, data, trainer.guard.last_indices, causal=True)
+    torch.testing.assert_close(trainer.guard.last_gnq, _gnq_push_through(G, LAM),
+                               rtol=5e-2, atol=0)
+
+
 def test_unsupported_setups_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="loss_reduction"):
         GradGuardTrainer(model=_bert(), args=_args(tmp_path), train_dataset=TokenData(),
                          loss_reduction="none")
+    with pytest.raises(ValueError, match="fp16"):
+        GradGuardTrainer(model=_bert(), args=_args(tmp_path, fp16=True), train_dataset=TokenData())
 
 
 @pytest.mark.parametrize("wrap", ["plain", "peft", "peft_causal_lm"])

@@ -43,7 +43,8 @@ guarded step's ``gradguard/gnq/{mean,max}``, the run's ``gradguard/disclosure/{m
 and the policy's cumulative counts, so ``trainer.state.log_history`` and every
 ``report_to`` integration (W&B, MLflow, TensorBoard, ...) receive them.
 
-Supported: fp32 or bf16 (fp16 is refused: its GradScaler path needs a GPU to verify);
+Supported: fp32 or bf16 (``fp16=True`` is refused until its GradScaler path is
+verified on a GPU);
 single process or DDP (``torchrun``), where the ranks agree as described in
 :mod:`gradguard.distributed`.
 
@@ -251,11 +252,13 @@ class GradGuardTrainer(Trainer):
                              f"losses reduce), got {loss_reduction!r}")
         super().__init__(*args, **kwargs)
         if self.args.fp16:
-            # The code path would be the plain loop's grad_scaler= (Accelerate's
-            # accelerator.scaler); fp16 needs a GPU, so it has not been verified here.
+            # On a GPU Accelerate scales the loss with a GradScaler (accelerator.scaler),
+            # which the engine could read (make_guarded(grad_scaler=...)) as in a plain
+            # loop; that path is unverified (no GPU here; on CPU Accelerate runs fp16=True
+            # in fp32), so it is refused rather than trusted.
             raise ValueError("GradGuardTrainer does not support fp16=True yet (its GradScaler "
-                             "path is unverified: fp16 training needs a GPU). Use bf16=True "
-                             "or fp32.")
+                             "path is unverified on GPU). Use bf16=True or fp32, or GradGuard "
+                             "in a plain loop with make_guarded(grad_scaler=...).")
         self.guard = guard if guard is not None else GradGuard(policy="monitor")
         self.per_example_loss_fn = per_example_loss_fn
         self.loss_reduction = loss_reduction
