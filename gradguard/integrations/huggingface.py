@@ -234,7 +234,7 @@ class GradGuardTrainer(Trainer):
         guard: the GradGuard; ``trainer.guard.ledger`` fills during ``train()``.
 
     Raises:
-        ValueError: fp16 training, or a bad ``loss_reduction``.
+        ValueError: fp16 training, FSDP, or a bad ``loss_reduction``.
 
     Example:
         >>> trainer = GradGuardTrainer(model=model, args=args,            # doctest: +SKIP
@@ -251,6 +251,10 @@ class GradGuardTrainer(Trainer):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum' (how the per-example "
                              f"losses reduce), got {loss_reduction!r}")
         super().__init__(*args, **kwargs)
+        if getattr(self, "is_fsdp_enabled", False):
+            raise ValueError("GradGuardTrainer does not support FSDP (its sharded gradients "
+                             "cannot be measured per example yet). Use DDP (torchrun without "
+                             "--fsdp) or one device.")
         if self.args.fp16:
             # On a GPU Accelerate scales the loss with a GradScaler (accelerator.scaler),
             # which the engine could read (make_guarded(grad_scaler=...)) as in a plain
