@@ -53,6 +53,10 @@ def step_metrics(guard: GradGuard) -> dict[str, float]:
     accumulation); ``disclosure/{max,mean}`` the cumulative bound in nats over the examples
     seen so far; ``policy/{dropped,clipped}_total`` cumulative example-steps the policy
     dropped or clipped; ``policy/censored_total`` examples censored.
+
+    Example:
+        >>> step_metrics(GradGuard())  # nothing measured yet
+        {}
     """
     if guard.ledger is None or guard.last_gnq is None or guard.step == 0:
         return {}
