@@ -306,6 +306,37 @@ def test_fp16_skipped_steps_are_not_steps(tmp_path):
     assert int(cb.guard.ledger.steps_seen.sum()) == BATCH * cb.guard.step
 
 
+def test_fp16_drop_policy_matches_plain_loop(tmp_path):
+    """fp16 under a drop policy: the callback equals the plain-loop guard with the same
+    GradScaler steps (autocast, scale(loss).backward(), unscale_, step, update)."""
+    kwargs = dict(policy="drop", threshold=gg.Quantile(0.7, window=2), lam=LAM)
+    cb = GradGuardCallback(**kwargs)
+    lit, _ = _fit(tmp_path, cb, **_fp16(2.0**8))
+    batches = _batches_seen(lit)
+
+    net = _net()
+    guard = gg.GradGuard(**kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    model, opt, loader = guard.make_guarded(
+        module=net, optimizer=torch.optim.SGD(net.parameters(), lr=LR),
+        data_loader=DataLoader(_data(), batch_sampler=batches), grad_scaler=scaler)
+    for x, y in loader:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    assert guard.step == cb.guard.step == 2 * N // BATCH
+    assert float(guard.summary()["dropped_total"]) > 0
+    for name in ("steps_seen", "cum_gnq", "max_gnq", "cum_bound", "last_step"):
+        torch.testing.assert_close(getattr(cb.guard.ledger, name), getattr(guard.ledger, name))
+    for a, b in zip(lit.net.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b)
+    guard.close()
+
+
 def test_unsupported_setups_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="16-true"):
         _fit(tmp_path, GradGuardCallback(policy="monitor"), precision="16-true")
