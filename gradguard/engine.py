@@ -270,6 +270,11 @@ class GradGuard:
         if self.module is not None:
             raise RuntimeError("this GradGuard is already attached; create one per model")
         core = unwrap_ddp(module)
+        if _is_fsdp(core):
+            raise ValueError("gradguard does not support FSDP (fully_shard / "
+                             "FullyShardedDataParallel): its sharded DTensor gradients cannot be "
+                             "measured or rebuilt from per-example captures yet. Use DDP "
+                             "(DistributedDataParallel: per-rank or global GNQ) or one device.")
         other = _ATTACHED.get(core)
         if other is not None and other() is not None and not other()._closed:
             raise RuntimeError(
@@ -951,6 +956,15 @@ class GradGuard:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    """Whether FSDP (``fully_shard`` or ``FullyShardedDataParallel``) wraps any submodule."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
 
 
 def _ridge(K: torch.Tensor, lam: float, *, relative: bool):

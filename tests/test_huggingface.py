@@ -267,13 +267,144 @@ def test_per_example_loss_matches_the_models_own_loss():
         per_example_loss(torch.zeros(2, 3, 4, 5), torch.zeros(2, dtype=torch.long))
 
 
+def _recording(model) -> list[torch.Tensor]:
+    """The input_ids of every training forward pass of ``model``, in order."""
+    seen = []
+
+    def record(module, args, kwargs):
+        if module.training and torch.is_grad_enabled():
+            seen.append(kwargs["input_ids"].detach().clone())
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    return seen
+
+
+def _examples(data, seen) -> list[list[int]]:
+    return [[int((data.ids == row).all(1).nonzero()) for row in ids] for ids in seen]
+
+
+def test_accumulation_first_window_gnq_matches_independent_reference(tmp_path):
+    """gradient_accumulation_steps=2: two micro-batches of 8 are one logical batch of 16,
+    GNQ in the per-example scale (the Trainer divides each micro-batch's loss by 2)."""
+    model = _gpt2()
+    initial = copy.deepcopy(model)
+    seen = _recording(model)
+    data = TokenData(causal=True)
+    trainer = GradGuardTrainer(model=model,
+                               args=_args(tmp_path, max_steps=1, gradient_accumulation_steps=2),
+                               train_dataset=data, guard=gg.GradGuard(lam=LAM))
+    trainer.train()
+    window = [i for b in _examples(data, seen)[:2] for i in b]
+    assert trainer.guard.last_indices.tolist() == window and len(window) == 2 * BATCH
+    G = _per_example_grads(initial, data, torch.tensor(window), causal=True)
+    torch.testing.assert_close(trainer.guard.last_gnq, _gnq_push_through(G, LAM),
+                               rtol=2e-4, atol=1e-6)
+
+
+def test_accumulation_monitor_trains_like_the_stock_trainer(tmp_path):
+    """3 batches per epoch, windows of 2 and 1: the guard changes nothing."""
+    guarded, plain = _bert(), _bert()
+    args = dict(num_train_epochs=2, gradient_accumulation_steps=2)
+    trainer = GradGuardTrainer(model=guarded, args=_args(tmp_path / "g", **args),
+                               train_dataset=TokenData(), guard=gg.GradGuard(lam=LAM))
+    trainer.train()
+    stock = Trainer(model=plain, args=_args(tmp_path / "p", **args), train_dataset=TokenData())
+    # BERT's forward takes **kwargs, so the stock Trainer would expect the model to normalise
+    # by num_items_in_batch (which this head ignores) and not divide by the window's size.
+    # GradGuardTrainer divides (its loss is a plain per-batch mean): compare like with like.
+    stock.model_accepts_loss_kwargs = False
+    stock.train()
+    for a, b in zip(guarded.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert trainer.guard.step == 4
+    assert int(trainer.guard.ledger.steps_seen.sum()) == 2 * N
+
+
+def test_accumulation_drop_policy_matches_plain_loop(tmp_path):
+    """gradient_accumulation_steps=2 equals the plain-loop guard with (loss / 2).backward()
+    and accumulation_steps=2 over the same micro-batches."""
+    kwargs = dict(policy="drop", threshold=gg.Quantile(0.7, window=2), lam=LAM)
+    micro = 6  # 4 micro-batches per epoch: two full windows
+    model = _bert()
+    initial = copy.deepcopy(model)
+    seen = _recording(model)
+    data = TokenData()
+    trainer = GradGuardTrainer(
+        model=model, args=_args(tmp_path, gradient_accumulation_steps=2,
+                                per_device_train_batch_size=micro),
+        train_dataset=data, guard=gg.GradGuard(**kwargs))
+    trainer.train()
+    batches = _examples(data, seen)
+    assert len(batches) == 2 * N // micro
+
+    net = initial.train()
+    guard = gg.GradGuard(**kwargs)
+    net, opt, loader = guard.make_guarded(
+        module=net, optimizer=torch.optim.SGD(net.parameters(), lr=LR),
+        data_loader=DataLoader(data, batch_sampler=batches), accumulation_steps=2)
+    for k, batch in enumerate(loader):
+        if k % 2 == 0:
+            opt.zero_grad()
+        ids = batch["input_ids"]
+        out = net(input_ids=ids, attention_mask=batch["attention_mask"],
+                  position_ids=torch.arange(ids.shape[1]).expand_as(ids))
+        (per_example_loss(out.logits, batch["labels"]).mean() / 2).backward()
+        if k % 2 == 1:
+            opt.step()
+    assert guard.step == trainer.guard.step == N // micro
+    assert float(guard.summary()["dropped_total"]) > 0
+    for name in ("steps_seen", "cum_gnq", "max_gnq", "cum_bound", "last_step"):
+        torch.testing.assert_close(getattr(trainer.guard.ledger, name),
+                                   getattr(guard.ledger, name), rtol=1e-4, atol=1e-6)
+    for a, b in zip(model.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    guard.close()
+
+
+def test_metrics_reach_the_log_history(tmp_path):
+    guard = gg.GradGuard(policy="drop", threshold=gg.Quantile(0.7, window=2), lam=LAM)
+    trainer = GradGuardTrainer(model=_bert(), args=_args(tmp_path, logging_strategy="steps",
+                                                         logging_steps=1),
+                               train_dataset=TokenData(), guard=guard)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "gradguard/gnq/mean" in h]
+    assert [h["step"] for h in logged] == list(range(1, guard.step + 1))
+    last = logged[-1]
+    # the values of the run's last step, as the guard itself holds them
+    assert last["gradguard/gnq/mean"] == pytest.approx(float(guard.last_gnq.double().mean()))
+    assert last["gradguard/gnq/max"] == pytest.approx(float(guard.last_gnq.max()))
+    summary = guard.summary()
+    assert last["gradguard/disclosure/max"] == pytest.approx(summary["max_bound"])
+    assert last["gradguard/disclosure/mean"] == pytest.approx(summary["mean_bound"])
+    assert last["gradguard/policy/dropped_total"] == summary["dropped_total"] > 0
+    # the disclosure bound only grows
+    maxima = [h["gradguard/disclosure/max"] for h in logged]
+    assert maxima == sorted(maxima)
+
+
+def test_bf16_gnq_matches_independent_reference(tmp_path):
+    """bf16 autocast on CPU: GNQ against float64 per-example gradients, within bf16
+    rounding (the layers do run in bf16)."""
+    model = _gpt2()
+    initial = copy.deepcopy(model)
+    dtypes = []
+    model.lm_head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    data = TokenData(causal=True)
+    trainer = GradGuardTrainer(model=model, args=_args(tmp_path, max_steps=1, bf16=True),
+                               train_dataset=data, guard=gg.GradGuard(lam=LAM))
+    trainer.train()
+    assert dtypes == [torch.bfloat16]
+    G = _per_example_grads(initial, data, trainer.guard.last_indices, causal=True)
+    torch.testing.assert_close(trainer.guard.last_gnq, _gnq_push_through(G, LAM),
+                               rtol=5e-2, atol=0)
+
+
 def test_unsupported_setups_fail_clearly(tmp_path):
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        GradGuardTrainer(model=_bert(), args=_args(tmp_path, gradient_accumulation_steps=2),
-                         train_dataset=TokenData())
     with pytest.raises(ValueError, match="loss_reduction"):
         GradGuardTrainer(model=_bert(), args=_args(tmp_path), train_dataset=TokenData(),
                          loss_reduction="none")
+    with pytest.raises(ValueError, match="fp16"):
+        GradGuardTrainer(model=_bert(), args=_args(tmp_path, fp16=True), train_dataset=TokenData())
 
 
 @pytest.mark.parametrize("wrap", ["plain", "peft", "peft_causal_lm"])

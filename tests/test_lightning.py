@@ -8,6 +8,7 @@ P×P solves; checkpoint round trip and resume; the TensorBoard run directory.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -180,9 +181,165 @@ def test_hooks_and_strategy_restored_after_fit(tmp_path):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
 
 
+def _batches_seen(lit) -> list[list[int]]:
+    """Which examples each batch held, read off the inputs training_step received."""
+    X = _data().tensors[0]
+    return [[int((row == X).all(1).nonzero()) for row in x] for x in lit.seen]
+
+
+ACC = 3  # 4 batches per epoch: windows of 3 batches and of 1 (the epoch's end steps early)
+
+
+def test_accumulation_monitor_leaves_training_bit_for_bit(tmp_path):
+    plain, _ = _fit(tmp_path / "plain", accumulate_grad_batches=ACC)
+    cb = GradGuardCallback(policy="monitor", lam=LAM)
+    guarded, _ = _fit(tmp_path / "guarded", cb, accumulate_grad_batches=ACC)
+    for a, b in zip(plain.parameters(), guarded.parameters()):
+        assert torch.equal(a, b)
+    assert cb.guard.step == 2 * 2  # two optimizer steps per epoch
+    assert int(cb.guard.ledger.steps_seen.sum()) == 2 * N
+
+
+def test_accumulation_first_window_gnq_matches_torch_func(tmp_path):
+    """accumulate_grad_batches=3: the 3 micro-batches are one logical batch of 18, GNQ in
+    the per-example scale (Lightning divides each micro-batch's loss by 3)."""
+    cb = GradGuardCallback(policy="monitor", lam=LAM)
+    lit, _ = _fit(tmp_path, cb, max_steps=1, accumulate_grad_batches=ACC)
+    window = [i for b in _batches_seen(lit)[:ACC] for i in b]
+    assert cb.guard.last_indices.tolist() == window
+    x, y = _data().tensors
+    G = per_example_grads(_net().double(), ce_sum, x[window].double(), y[window])
+    torch.testing.assert_close(cb.guard.last_gnq, gnq_explicit(G, LAM), rtol=1e-4, atol=1e-6)
+
+
+def test_accumulation_drop_policy_matches_plain_loop(tmp_path):
+    """The callback under accumulate_grad_batches=3 equals the plain-loop guard with
+    (loss / 3).backward() and accumulation_steps=3 over the same micro-batches."""
+    kwargs = dict(policy="drop", threshold=gg.Quantile(0.7, window=2), lam=LAM)
+    cb = GradGuardCallback(**kwargs)
+    lit, _ = _fit(tmp_path, cb, accumulate_grad_batches=ACC)
+    batches = _batches_seen(lit)
+    assert len(batches) == 2 * N // BATCH
+
+    net = _net()
+    guard = gg.GradGuard(**kwargs)
+    model, opt, loader = guard.make_guarded(
+        module=net, optimizer=torch.optim.SGD(net.parameters(), lr=LR),
+        data_loader=DataLoader(_data(), batch_sampler=batches), accumulation_steps=ACC)
+    micro = iter(loader)
+    per_epoch = N // BATCH
+    for _ in range(2):
+        for size in (ACC, per_epoch - ACC):
+            opt.zero_grad()
+            for _ in range(size):
+                x, y = next(micro)
+                (F.cross_entropy(model(x), y) / ACC).backward()
+            opt.step()
+    assert guard.step == cb.guard.step == 4
+    assert float(guard.summary()["dropped_total"]) > 0
+    for name in ("steps_seen", "cum_gnq", "max_gnq", "cum_bound", "last_step"):
+        torch.testing.assert_close(getattr(cb.guard.ledger, name), getattr(guard.ledger, name))
+    for a, b in zip(lit.net.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b)
+    guard.close()
+
+
+def test_metrics_reach_the_trainers_csv_logger(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = GradGuardCallback(policy="drop", threshold=gg.Quantile(0.7, window=2), lam=LAM)
+    module = LitClassifier()
+    trainer = _trainer(tmp_path, [cb], log_every_n_steps=1)
+    trainer.loggers = [CSVLogger(str(tmp_path), name="csv")]
+    trainer.fit(module, _loader())
+    import csv
+
+    with open(os.path.join(trainer.loggers[0].log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("gradguard/gnq/mean")]
+    assert len(rows) == cb.guard.step == 2 * N // BATCH
+    last = rows[-1]
+    # the values of the run's last step, as the guard itself holds them
+    torch.testing.assert_close(float(last["gradguard/gnq/mean"]),
+                               float(cb.guard.last_gnq.double().mean()), rtol=1e-6, atol=0)
+    summary = cb.guard.summary()
+    assert float(last["gradguard/disclosure/max"]) == pytest.approx(summary["max_bound"])
+    assert float(last["gradguard/disclosure/mean"]) == pytest.approx(summary["mean_bound"])
+    assert float(last["gradguard/policy/dropped_total"]) == summary["dropped_total"] > 0
+
+
+def _fp16(init_scale: float) -> dict:
+    # Lightning maps precision="16-mixed" to bf16 on CPU; its plugin with a CPU GradScaler
+    # runs real fp16 autocast and loss scaling.
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return dict(plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_gnq_in_the_losss_true_scale(tmp_path, precision):
+    """fp16 with a loss scale of 2¹² (GNQ would be 2²⁴ too large unscaled) and bf16: GNQ
+    against float64 torch.func gradients, within the half-precision rounding."""
+    cb = GradGuardCallback(policy="monitor", lam=LAM)
+    kwargs = _fp16(2.0**12) if precision == "16-mixed" else dict(precision=precision)
+    _, trainer = _fit(tmp_path, cb, max_steps=1, **kwargs)
+    assert trainer.precision == precision
+    idx = cb.guard.last_indices
+    x, y = _data().tensors
+    G = per_example_grads(_net().double(), ce_sum, x[idx].double(), y[idx])
+    torch.testing.assert_close(cb.guard.last_gnq, gnq_explicit(G, LAM), rtol=5e-2, atol=0)
+
+
+def test_fp16_skipped_steps_are_not_steps(tmp_path):
+    """A huge initial loss scale overflows: the GradScaler skips those steps (and halves
+    the scale) until it fits. The guard counts only the steps taken, each with its own
+    batch's examples; training is unchanged."""
+    init = 2.0**20  # fp16 overflows above 65504
+    plain, _ = _fit(tmp_path / "plain", **_fp16(init), max_epochs=3)
+    cb = GradGuardCallback(policy="monitor", lam=LAM)
+    guarded, trainer = _fit(tmp_path / "guarded", cb, **_fp16(init), max_epochs=3)
+    for a, b in zip(plain.parameters(), guarded.parameters()):
+        assert torch.equal(a, b)
+    skipped = round(math.log2(init / trainer.precision_plugin.scaler.get_scale()))
+    assert skipped > 0, "no step overflowed: the test is vacuous"
+    assert cb.guard.step == 3 * N // BATCH - skipped
+    assert int(cb.guard.ledger.steps_seen.sum()) == BATCH * cb.guard.step
+
+
+def test_fp16_drop_policy_matches_plain_loop(tmp_path):
+    """fp16 under a drop policy: the callback equals the plain-loop guard with the same
+    GradScaler steps (autocast, scale(loss).backward(), unscale_, step, update)."""
+    kwargs = dict(policy="drop", threshold=gg.Quantile(0.7, window=2), lam=LAM)
+    cb = GradGuardCallback(**kwargs)
+    lit, _ = _fit(tmp_path, cb, **_fp16(2.0**8))
+    batches = _batches_seen(lit)
+
+    net = _net()
+    guard = gg.GradGuard(**kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    model, opt, loader = guard.make_guarded(
+        module=net, optimizer=torch.optim.SGD(net.parameters(), lr=LR),
+        data_loader=DataLoader(_data(), batch_sampler=batches), grad_scaler=scaler)
+    for x, y in loader:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    assert guard.step == cb.guard.step == 2 * N // BATCH
+    assert float(guard.summary()["dropped_total"]) > 0
+    for name in ("steps_seen", "cum_gnq", "max_gnq", "cum_bound", "last_step"):
+        torch.testing.assert_close(getattr(cb.guard.ledger, name), getattr(guard.ledger, name))
+    for a, b in zip(lit.net.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b)
+    guard.close()
+
+
 def test_unsupported_setups_fail_clearly(tmp_path):
-    with pytest.raises(ValueError, match="accumulate_grad_batches"):
-        _fit(tmp_path, GradGuardCallback(policy="monitor"), accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="16-true"):
+        _fit(tmp_path, GradGuardCallback(policy="monitor"), precision="16-true")
     with pytest.raises(ValueError, match="threshold"):
         GradGuardCallback(policy="drop")
     with pytest.raises(ValueError, match="loss_reduction"):

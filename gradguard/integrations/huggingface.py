@@ -33,9 +33,20 @@ Causal language models are recognised through their wrappers (peft, DDP,
 ``torch.compile``; :func:`is_causal_lm`), so their labels are shifted as the model's own
 loss shifts them.
 
-Supported: ``gradient_accumulation_steps=1``; fp32 or bf16 (fp16 loss scaling would scale
-every per-example gradient); single process or DDP (``torchrun``), where the ranks agree
-as described in :mod:`gradguard.distributed`.
+Gradient accumulation (``gradient_accumulation_steps=N``): the micro-batches of one
+optimizer step form one logical batch, as in a plain loop with ``accumulation_steps=N``;
+the Trainer's ``loss / N`` is undone in GNQ (for the shorter last window of an epoch,
+with that window's own N).
+
+Metrics: every training log of the Trainer (``logging_steps``) also carries the last
+guarded step's ``gradguard/gnq/{mean,max}``, the run's ``gradguard/disclosure/{max,mean}``
+and the policy's cumulative counts, so ``trainer.state.log_history`` and every
+``report_to`` integration (W&B, MLflow, TensorBoard, ...) receive them.
+
+Supported: fp32 or bf16 (``fp16=True`` is refused until its GradScaler path is
+verified on a GPU);
+single process or DDP (``torchrun``), where the ranks agree as described in
+:mod:`gradguard.distributed`.
 
 Requires ``pip install gradguard[huggingface]``.
 """
@@ -62,6 +73,7 @@ from .._io import atomic_torch_save
 from ..engine import GradGuard
 from ..optimizer import GuardedOptimizer
 from ..rundir import STATE_FILE, load_state
+from ._common import IndexedGuardedOptimizer, step_metrics
 
 __all__ = ["GradGuardTrainer", "per_example_loss", "base_model", "is_causal_lm", "INDEX_KEY",
            "STATE_FILE"]
@@ -222,8 +234,7 @@ class GradGuardTrainer(Trainer):
         guard: the GradGuard; ``trainer.guard.ledger`` fills during ``train()``.
 
     Raises:
-        ValueError: ``gradient_accumulation_steps > 1``, fp16 training, or a bad
-            ``loss_reduction``.
+        ValueError: fp16 training, FSDP, or a bad ``loss_reduction``.
 
     Example:
         >>> trainer = GradGuardTrainer(model=model, args=args,            # doctest: +SKIP
@@ -240,18 +251,23 @@ class GradGuardTrainer(Trainer):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum' (how the per-example "
                              f"losses reduce), got {loss_reduction!r}")
         super().__init__(*args, **kwargs)
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"GradGuardTrainer needs gradient_accumulation_steps=1 (got "
-                f"{self.args.gradient_accumulation_steps}): the Trainer divides the loss by it, "
-                "which would scale every per-example gradient. Use a larger batch instead.")
+        if getattr(self, "is_fsdp_enabled", False):
+            raise ValueError("GradGuardTrainer does not support FSDP (its sharded gradients "
+                             "cannot be measured per example yet). Use DDP (torchrun without "
+                             "--fsdp) or one device.")
         if self.args.fp16:
-            raise ValueError("GradGuardTrainer does not support fp16=True: loss scaling scales "
-                             "every per-example gradient. Use bf16=True or fp32.")
+            # On a GPU Accelerate scales the loss with a GradScaler (accelerator.scaler),
+            # which the engine could read (make_guarded(grad_scaler=...)) as in a plain
+            # loop; that path is unverified (no GPU here; on CPU Accelerate runs fp16=True
+            # in fp32), so it is refused rather than trusted.
+            raise ValueError("GradGuardTrainer does not support fp16=True yet (its GradScaler "
+                             "path is unverified on GPU). Use bf16=True or fp32, or GradGuard "
+                             "in a plain loop with make_guarded(grad_scaler=...).")
         self.guard = guard if guard is not None else GradGuard(policy="monitor")
         self.per_example_loss_fn = per_example_loss_fn
         self.loss_reduction = loss_reduction
         self.guarded_params = None if guarded_params is None else list(guarded_params)
+        self._guarded_optimizer: IndexedGuardedOptimizer | None = None
         # compute_loss below returns a plain per-batch mean of per-example losses.
         self.model_accepts_loss_kwargs = False
 
@@ -289,10 +305,13 @@ class GradGuardTrainer(Trainer):
             guard.log_dir = None
         if guard.num_examples is None:
             guard.num_examples = len(self.train_dataset)
-        _, guarded, _ = guard.make_guarded(module=self.model, optimizer=optimizer,
-                                           loss_reduction=self.loss_reduction,
-                                           params=self.guarded_params)
+        guard.make_guarded(module=self.model, optimizer=optimizer,
+                           loss_reduction=self.loss_reduction, params=self.guarded_params)
+        # Collects the indices of every micro-batch of a gradient-accumulation window.
+        guarded = IndexedGuardedOptimizer(optimizer, guard=guard, expected_batch_size=None,
+                                          loss_reduction=self.loss_reduction)
         guard.attach_optimizer(guarded, expected_batch_size=self._train_batch_size)
+        self._guarded_optimizer = guarded
         if self.args.max_grad_norm and self.args.max_grad_norm > 0 and guard.policy != "monitor":
             guarded.step_hook = self._clip_rewritten
         self.optimizer = guarded
@@ -323,10 +342,21 @@ class GradGuardTrainer(Trainer):
             logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
             losses = per_example_loss(logits, labels, causal_lm=self._is_causal_lm(model),
                                       problem_type=self._problem_type(model))
-        if indices is not None and model.training and torch.is_grad_enabled():
-            self.guard.set_batch_indices(indices)
+        if indices is not None and model.training and torch.is_grad_enabled() \
+                and self._guarded_optimizer is not None:
+            self._guarded_optimizer.add_indices(indices)
+            self.guard.accumulation_steps = self._loss_divisor()
         loss = losses.mean() if self.loss_reduction == "mean" else losses.sum()
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_divisor(self) -> int:
+        """N in the ``loss / N`` the Trainer's training_step applies under gradient
+        accumulation (the number of micro-batches of this window; the last window of an
+        epoch may be shorter), or 1 where it does not divide."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:  # as training_step decides (model_accepts_loss_kwargs is False)
+            scaled = getattr(self, "compute_loss_func", None) is not None
+        return 1 if scaled else int(getattr(self, "current_gradient_accumulation_steps", 1))
 
     def _unwrapped(self, model) -> nn.Module:
         return base_model(self.accelerator.unwrap_model(model))
@@ -349,6 +379,17 @@ class GradGuardTrainer(Trainer):
     def _problem_type(self, model) -> str | None:
         config = getattr(self._unwrapped(model), "config", None)
         return getattr(config, "problem_type", None)
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """``Trainer.log``; the training logs (those with ``"loss"``) also carry the last
+        guarded step's GNQ and the run's disclosure (:func:`step_metrics` of
+        :mod:`gradguard.integrations._common`: ``gradguard/gnq/mean``, ``gnq/max``,
+        ``disclosure/{max,mean}``, ``policy/{dropped,clipped,censored}_total``), so
+        ``state.log_history`` and every ``report_to`` logger (W&B, MLflow, ...) get them."""
+        if "loss" in logs and self.guard.ledger is not None:
+            logs = {**logs, **step_metrics(self.guard)}
+        super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

@@ -16,9 +16,17 @@ change to the LightningModule:
   (``trainer.logger.log_dir``), so its ``gradguard/`` tags show up in the same
   TensorBoard run as the Trainer's metrics.
 
+Gradient accumulation (``accumulate_grad_batches=N``): the N batches of one optimizer step
+form one logical batch, GNQ in the per-example scale (Lightning's ``loss / N`` is undone).
+fp16 mixed precision (``"16-mixed"``): GNQ in the loss's true scale, read from the
+precision plugin's ``GradScaler``; steps the scaler skips for inf/NaN are not steps.
+bf16 (``"bf16-mixed"``) needs nothing special. Metrics: after each optimizer step the
+callback logs ``gradguard/gnq/{mean,max}``, ``gradguard/disclosure/{max,mean}`` and the
+policy's cumulative counts with ``pl_module.log_dict``, so every Lightning logger (CSV,
+W&B, MLflow, TensorBoard) receives them at the Trainer's ``log_every_n_steps``.
+
 Supported: automatic optimisation, or manual optimisation with one optimizer step per
-batch; one optimizer; ``accumulate_grad_batches=1``; 32/64-bit or bf16 precision (fp16
-mixed precision scales the loss, which would scale every per-example gradient); single
+batch; one optimizer; 32/64-bit, bf16 or fp16-mixed precision; single
 device or the DDP strategies (``"ddp"``, ``"ddp_spawn"``, ...), where the ranks agree as
 described in :mod:`gradguard.distributed`.
 
@@ -47,6 +55,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..engine import GradGuard
 from ..loader import RecordingBatchSampler, track_indices
 from ..optimizer import GuardedOptimizer
+from ._common import IndexedGuardedOptimizer, step_metrics
 
 __all__ = ["GradGuardCallback"]
 
@@ -58,13 +67,21 @@ def _clip_rewritten(optimizer: GuardedOptimizer, *, value: float, by_value: bool
         torch.nn.utils.clip_grad_norm_(optimizer.params, value)
 
 
-class _LightningGuardedOptimizer(GuardedOptimizer):
+def _loss_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    """The GradScaler of Lightning's fp16 mixed-precision plugin (``None`` without one)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if isinstance(scaler, torch.amp.GradScaler) else None
+
+
+class _LightningGuardedOptimizer(IndexedGuardedOptimizer):
     """GuardedOptimizer fitted to Lightning's closure.
 
     Lightning zeroes gradients *inside* the closure, between ``training_step``'s forward
     and the backward pass, so ``zero_grad`` must not drop the forward's captures (the
     guard clears them after every step itself). A ``training_step`` that returns ``None``
-    skips the backward pass: that step leaves the guard out.
+    skips the backward pass: that step leaves the guard out. Under
+    ``accumulate_grad_batches=N`` the closures of the first N - 1 batches run outside
+    ``step``; their captures and indices join the step's logical batch.
     """
 
     def __init__(self, optimizer, *, guard: GradGuard, expected_batch_size: int | None,
@@ -72,7 +89,6 @@ class _LightningGuardedOptimizer(GuardedOptimizer):
         super().__init__(optimizer, guard=guard, expected_batch_size=expected_batch_size,
                          loss_reduction=loss_reduction)
         self.automatic = automatic
-        self.pending_indices: torch.Tensor | None = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
@@ -83,12 +99,9 @@ class _LightningGuardedOptimizer(GuardedOptimizer):
             with torch.enable_grad():
                 loss = closure()
             if loss is None and self.automatic:  # training_step returned None: no backward
-                self.pending_indices = None
+                self.forget_indices()
                 self.guard.on_zero_grad(self)
                 return self.original_optimizer.step()
-        if self.pending_indices is not None:
-            self.guard.set_batch_indices(self.pending_indices)
-            self.pending_indices = None
         out = super().step()
         return loss if out is None else out
 
@@ -112,8 +125,8 @@ class GradGuardCallback(Callback):
 
     Raises:
         ValueError: bad GradGuard arguments (at construction), or a Trainer setup
-            gradguard cannot measure (at ``fit``): gradient accumulation, several
-            optimizers, fp16 mixed precision, a non-DDP multi-device strategy, or an
+            gradguard cannot measure (at ``fit``): several optimizers, fp16 without a
+            GradScaler (``"16-true"``), a non-DDP multi-device strategy, or an
             iterable-style training dataset.
 
     Example:
@@ -139,22 +152,18 @@ class GradGuardCallback(Callback):
         self._raw_optimizer = None
         self._restore_process: Callable[[], None] | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._logged_step = 0
 
     # ------------------------------------------------------------------ setup
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.guard.module is not None:
             raise RuntimeError("this GradGuardCallback already guarded a fit; create a new "
                                "one for each Trainer.fit")
-        if trainer.accumulate_grad_batches != 1:
+        if str(trainer.precision).startswith("16") and _loss_scaler(trainer) is None:
             raise ValueError(
-                f"GradGuardCallback needs accumulate_grad_batches=1 (got "
-                f"{trainer.accumulate_grad_batches}): Lightning divides the loss by it, which "
-                "would scale every per-example gradient. Use a larger batch instead.")
-        if str(trainer.precision).startswith("16"):
-            raise ValueError(
-                f"GradGuardCallback does not support precision={trainer.precision!r}: fp16 "
-                "loss scaling scales every per-example gradient. Use '32-true' or "
-                "'bf16-mixed'.")
+                f"GradGuardCallback does not support precision={trainer.precision!r} without a "
+                "GradScaler it can read (the loss scale must be known to put GNQ in the "
+                "loss's true scale). Use '16-mixed', '32-true' or 'bf16-mixed'.")
         if len(trainer.optimizers) != 1:
             raise ValueError(f"GradGuardCallback guards exactly one optimizer; "
                              f"configure_optimizers returned {len(trainer.optimizers)}")
@@ -217,8 +226,12 @@ class GradGuardCallback(Callback):
             if logger is not None and trainer.is_global_zero:
                 guard.log_dir = logger.log_dir
         raw = trainer.strategy.optimizers[0]
+        # Lightning divides every micro-batch's loss by accumulate_grad_batches (the last,
+        # shorter window of an epoch too), and scales it by the fp16 plugin's GradScaler.
         guard.make_guarded(module=pl_module, optimizer=raw, loss_reduction=self.loss_reduction,
-                           params=self.params, batch_first=self.batch_first)
+                           params=self.params, batch_first=self.batch_first,
+                           accumulation_steps=trainer.accumulate_grad_batches,
+                           grad_scaler=_loss_scaler(trainer))
         expected = self._train_loader.batch_size or getattr(self._recorder, "batch_size", None)
         self._optimizer = _LightningGuardedOptimizer(
             raw, guard=guard, expected_batch_size=expected, loss_reduction=self.loss_reduction,
@@ -245,8 +258,27 @@ class GradGuardCallback(Callback):
             raise RuntimeError("GradGuardCallback lost track of the batches' dataset indices "
                                "(the training DataLoader was iterated outside the fit loop?)")
         # Batches arrive in the order their index lists were drawn (prefetching included).
-        self._optimizer.pending_indices = torch.tensor(self._recorder.drawn.popleft(),
-                                                       dtype=torch.long)
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            # A new window (Lightning zeroes the gradients in its first closure). Anything
+            # still pending belongs to a step the fp16 GradScaler skipped for inf/NaN
+            # (scaler.step never called ours): not a step, so forget its examples.
+            self._optimizer.forget_indices()
+            self.guard.on_zero_grad(self._optimizer)
+        # Under accumulate_grad_batches=N, the N batches of a window form one logical batch.
+        self._optimizer.add_indices(torch.tensor(self._recorder.drawn.popleft(),
+                                                 dtype=torch.long))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After a guarded step, its GNQ and the run's disclosure go to the Trainer's loggers
+        # (CSV, W&B, MLflow, ...) at the Trainer's log_every_n_steps, like any metric.
+        if self._optimizer is None or self.guard.step == self._logged_step:
+            return
+        self._logged_step = self.guard.step
+        metrics = step_metrics(self.guard)
+        if metrics:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False,
+                               logger=True, batch_size=len(self.guard.last_indices))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
