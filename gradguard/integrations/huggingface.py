@@ -48,7 +48,7 @@ verified on a GPU);
 single process or DDP (``torchrun``), where the ranks agree as described in
 :mod:`gradguard.distributed`.
 
-Requires ``pip install gradguard[huggingface]``.
+Requires ``pip install -e ".[huggingface]" from a gradguard checkout``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ try:
     from transformers import Trainer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("gradguard.integrations.huggingface needs transformers: "
-                      "pip install gradguard[huggingface]") from exc
+                      "pip install -e ".[huggingface]" from a gradguard checkout") from exc
 
 from .._io import atomic_torch_save
 from ..engine import GradGuard

@@ -30,7 +30,7 @@ batch; one optimizer; 32/64-bit, bf16 or fp16-mixed precision; single
 device or the DDP strategies (``"ddp"``, ``"ddp_spawn"``, ...), where the ranks agree as
 described in :mod:`gradguard.distributed`.
 
-Requires ``pip install gradguard[lightning]``.
+Requires ``pip install -e ".[lightning]" from a gradguard checkout``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ try:
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("gradguard.integrations.lightning needs Lightning: "
-                      "pip install gradguard[lightning]") from exc
+                      "pip install -e ".[lightning]" from a gradguard checkout") from exc
 
 from ..engine import GradGuard
 from ..loader import RecordingBatchSampler, track_indices
