@@ -67,7 +67,7 @@ try:
     from transformers import Trainer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("gradguard.integrations.huggingface needs transformers: "
-                      "pip install -e ".[huggingface]" from a gradguard checkout") from exc
+                      "pip install -e '.[huggingface]' from a gradguard checkout") from exc
 
 from .._io import atomic_torch_save
 from ..engine import GradGuard

@@ -50,7 +50,7 @@ try:
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("gradguard.integrations.lightning needs Lightning: "
-                      "pip install -e ".[lightning]" from a gradguard checkout") from exc
+                      "pip install -e '.[lightning]' from a gradguard checkout") from exc
 
 from ..engine import GradGuard
 from ..loader import RecordingBatchSampler, track_indices
