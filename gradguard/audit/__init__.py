@@ -19,6 +19,7 @@ from gradguard.audit.metrics import (
     roc_curve,
     tpr_at_fpr,
 )
+from gradguard.audit.one_run import one_run_epsilon, one_run_p_value
 
 __all__ = [
     "EmpiricalEpsilon",
@@ -31,6 +32,8 @@ __all__ = [
     "logit_confidence_from_logits",
     "loss_attack_scores",
     "mia_metrics",
+    "one_run_epsilon",
+    "one_run_p_value",
     "per_example_loss",
     "roc_auc",
     "roc_curve",
