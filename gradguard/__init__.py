@@ -6,6 +6,7 @@ to DP-SGD.
 """
 
 from . import audit
+from .audit.canaries import Canaries
 from .curvature import CurvatureProbe, ProbeResult, input_curvature
 from .engine import GradGuard, NonFiniteGradientError
 from .ledger import DisclosureLedger
@@ -23,6 +24,7 @@ __all__ = [
     "ProbeResult",
     "input_curvature",
     "audit",
+    "Canaries",
     "GuardedOptimizer",
     "NonFiniteGradientError",
     "DisclosureLedger",

@@ -11,6 +11,7 @@ from gradguard.audit.attacks import (
     per_example_loss,
     shadow_masks,
 )
+from gradguard.audit.canaries import Canaries, CanaryDataset
 from gradguard.audit.metrics import (
     EmpiricalEpsilon,
     empirical_epsilon,
@@ -22,6 +23,8 @@ from gradguard.audit.metrics import (
 from gradguard.audit.one_run import one_run_epsilon, one_run_p_value
 
 __all__ = [
+    "Canaries",
+    "CanaryDataset",
     "EmpiricalEpsilon",
     "curvature_attack",
     "curvature_attack_scores",
