@@ -79,6 +79,15 @@ _METRIC_KEYS = ("auc", "balanced_accuracy", "tpr_at_1pct_fpr", "tpr_at_01pct_fpr
                 "eps_lower_bound")
 # LiRA's per-example Gaussian fits need at least two "in" and two "out" shadow models.
 _MIN_SHADOWS = 4
+AUDIT_CANARIES = 500
+"""Default one-run audit canaries. With k = m/10 guesses each way (50 "in", 50 "out"), a
+perfect attack certifies at most ε ≈ 3.5 at 95% confidence (δ = 1e-5): m = 500 keeps that
+ceiling well above the ε = 1 DP-SGD target and the ~250 included canaries add about a
+third to the 719 digits members (training time grows by as much)."""
+_DP_SEARCH_GRID = {"lr": (0.5, 2.0), "max_grad_norm": (0.5, 2.0), "epochs": (0.5, 1.0)}
+"""Multipliers of the shared recipe's lr, C and epochs tried by the DP-SGD search (8 runs)."""
+_DP_VALIDATION_FRACTION = 0.2
+_MIN_EXPOSED = 5
 _CURVATURE_DIRECTION = "lower"
 # Warnings Opacus raises on every run that say nothing about this experiment.
 _NOISY_WARNINGS = (
@@ -129,6 +138,14 @@ class ComparisonConfig:
             four-point differences of ``zo`` lose most digits in float32).
         probes: curvature probes during each guarded run (0: none).
         probe_examples: members and non-members per probe.
+        audit_canaries: one-run audit canaries (Steinke et al. 2023), uniform-noise inputs
+            with random labels, each added to every row's training set by its own fair coin
+            (seeded by the seed); 0 for none. See :data:`AUDIT_CANARIES`.
+        dp_search: tune each DP-SGD row's learning rate, epochs and clipping norm on a
+            validation split carved from the members (never on test or attack data).
+        hidden: hidden widths of the ``mlp`` (None: the builder's default).
+        bootstrap: resamples of the paired bootstrap of ranking AUC differences.
+        chance_permutations: label permutations for the chance level of "best of k attacks".
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``"auto"``.
         out_dir: output directory.
     """
@@ -159,6 +176,11 @@ class ComparisonConfig:
     curvature_float64: bool = True
     probes: int = 10
     probe_examples: int = 128
+    audit_canaries: int = AUDIT_CANARIES
+    dp_search: bool = True
+    hidden: tuple[int, ...] | None = None
+    bootstrap: int = 1000
+    chance_permutations: int = 200
     device: str = "cpu"
     out_dir: str = "runs/compare"
 
@@ -168,6 +190,8 @@ class ComparisonConfig:
         self.clip = tuple(self.clip)
         if self.attacks is not None:
             self.attacks = tuple(self.attacks)
+        if self.hidden is not None:
+            self.hidden = tuple(self.hidden)
 
     def validate(self) -> None:
         """Check every setting; raise a ValueError that names the fix.
@@ -191,7 +215,8 @@ class ComparisonConfig:
             raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
         for name in ("epochs", "batch_size", "curvature_vectors", "probe_examples"):
             _require_int(getattr(self, name), name, minimum=1)
-        for name in ("canaries", "probes", "n_shadows", "seed"):
+        for name in ("canaries", "probes", "n_shadows", "seed", "audit_canaries", "bootstrap",
+                     "chance_permutations"):
             _require_int(getattr(self, name), name, minimum=0)
         if self.max_examples is not None:
             _require_int(self.max_examples, "max_examples", minimum=2)
@@ -293,6 +318,9 @@ class RowSpec:
         budget_percentile: the budget is this percentile of the undefended run's final
             bounds (resolved when the baseline has run).
         setting: the spec as given (``"q=0.9,budget=20"``).
+        lr: this row's learning rate when it differs from the shared recipe (the DP-SGD
+            search sets it); None uses ``config.lr``. Likewise ``epochs`` and
+            ``max_grad_norm``.
     """
 
     defence: str
@@ -303,6 +331,9 @@ class RowSpec:
     budget: float | None = None
     budget_percentile: float | None = None
     setting: str = ""
+    lr: float | None = None
+    epochs: int | None = None
+    max_grad_norm: float | None = None
 
     @property
     def policy(self) -> str:
@@ -513,6 +544,7 @@ class _RowOutput:
     metrics: dict[str, Any]
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     bounds: np.ndarray | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -619,7 +651,6 @@ def train_shadows(split, config: ComparisonConfig, *, device: torch.device | Non
         The shadows' confidences and masks, or None without shadows.
     """
     from gradguard.audit.attacks import logit_confidence, shadow_masks
-    from gradguard.experiments.models import make_model
 
     if config.n_shadows == 0:
         return None
@@ -633,8 +664,7 @@ def train_shadows(split, config: ComparisonConfig, *, device: torch.device | Non
         if progress is not None:
             progress.stage(f"LiRA shadow model {s + 1}/{config.n_shadows}")
         shadow_seed = config.seed + 1000 + s
-        model = make_model(config.model, split.input_shape, split.num_classes,
-                           seed=shadow_seed).to(device)
+        model = _make_model(config, split, seed=shadow_seed).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
         members = masks[s]
         data = TensorDataset(x[members], y[members])
@@ -669,7 +699,6 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
 
     from gradguard.curvature.probe import CurvatureProbe
     from gradguard.engine import GradGuard
-    from gradguard.experiments.models import make_model
 
     if spec.budget_percentile is not None and spec.budget is None:
         raise ValueError(f"row {spec.name!r}: resolve budget=p{spec.budget_percentile:g} to "
@@ -683,17 +712,21 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
     if progress is not None:
         progress.stage(f"training {spec.name}")
 
-    model = make_model(config.model, split.input_shape, split.num_classes,
-                       seed=config.seed).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    loader = _loader(split.train, config.batch_size, config.seed)
-    steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
+    lr = spec.lr or config.lr
+    epochs = spec.epochs or config.epochs
+    max_grad_norm = spec.max_grad_norm or config.max_grad_norm
+    model = _make_model(config, split)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum)
+    canaries = audit_canaries(split, config)
+    train_set = split.train if canaries is None else canaries.training_set(split.train)
+    loader = _loader(train_set, config.batch_size, config.seed)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     privacy_engine = None
     row: dict[str, Any] = {"name": spec.name, "defence": spec.defence, "setting": spec.setting,
                            "eps_target": spec.epsilon, "eps_spent": None, "delta": None,
                            "noise_multiplier": None, "max_grad_norm": None,
                            "threshold": None if spec.threshold is None else str(spec.threshold),
-                           "budget_nats": spec.budget}
+                           "budget_nats": spec.budget, "lr": lr, "epochs": epochs}
     with warnings.catch_warnings():
         for message in _NOISY_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
@@ -704,14 +737,14 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
             noise = torch.Generator(device=device).manual_seed(config.seed + 1)
             model, optimizer, loader = privacy_engine.make_private_with_epsilon(
                 module=model, optimizer=optimizer, data_loader=loader,
-                target_epsilon=spec.epsilon, target_delta=config.delta, epochs=config.epochs,
-                max_grad_norm=config.max_grad_norm, grad_sample_mode="hooks",
+                target_epsilon=spec.epsilon, target_delta=config.delta, epochs=epochs,
+                max_grad_norm=max_grad_norm, grad_sample_mode="hooks",
                 noise_generator=noise)
             row.update(delta=config.delta, noise_multiplier=float(optimizer.noise_multiplier),
-                       max_grad_norm=config.max_grad_norm)
+                       max_grad_norm=max_grad_norm)
         probe = None
         if config.probes > 0:
-            total_steps = steps_per_epoch * config.epochs
+            total_steps = steps_per_epoch * epochs
             probe = CurvatureProbe(split.train, split.holdout,
                                    every=max(1, total_steps // config.probes),
                                    n_examples=config.probe_examples,
@@ -720,7 +753,7 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
                                    direction=_CURVATURE_DIRECTION)
         guard = GradGuard(policy=spec.policy, lam=config.lam, threshold=spec.threshold,
                           budget=spec.budget, log_dir=str(run_dir), curvature=probe,
-                          num_examples=len(split.train),
+                          num_examples=len(train_set),
                           log_every=max(1, min(10, steps_per_epoch)))
         model, optimizer, loader = guard.make_guarded(module=model, optimizer=optimizer,
                                                       data_loader=loader)
@@ -729,15 +762,18 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
         writer = SummaryWriter(log_dir=str(run_dir), filename_suffix=".compare")
         plain = _unwrap(model)
         eval_limit = 2000  # per-epoch curve on a fixed slice; the final number uses all
+        epoch_losses: list[torch.Tensor] = []
 
         def on_epoch(epoch: int, train_loss: float) -> None:
             writer.add_scalar("compare/train_loss", train_loss, guard.step)
             writer.add_scalar("compare/test_accuracy",
                               _accuracy(plain, split.test, device, limit=eval_limit), guard.step)
+            # The free baseline ranking: each member's loss at the end of every epoch.
+            epoch_losses.append(_member_losses(plain, split, device))
 
         train_start = time.perf_counter()
         try:
-            _fit(model, loader, optimizer, epochs=config.epochs, device=device,
+            _fit(model, loader, optimizer, epochs=epochs, device=device,
                  on_epoch=on_epoch, progress=progress)
         except BaseException:
             writer.close()
@@ -750,13 +786,16 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
     try:
         scores, bounds = _evaluate_row(row, plain, guard, split, config, attacks, shadows,
                                        device, progress)
+        extra = _add_audit_metrics(row, plain, canaries, config, writer, guard.step)
+        _add_ranking_metrics(row, plain, guard, split, scores, torch.stack(epoch_losses), config,
+                             device)
         row.update(train_seconds=train_seconds, guard_seconds=guard.guard_seconds,
                    probe_seconds=guard.probe_seconds,
                    wall_seconds=time.perf_counter() - wall_start, run_dir=str(run_dir))
         _log_row(writer, row, attacks, guard.step)
     finally:
         writer.close()
-    return _RowOutput(metrics=row, scores=scores, bounds=bounds)
+    return _RowOutput(metrics=row, scores=scores, bounds=bounds, extra=extra)
 
 
 def _evaluate_row(row: dict[str, Any], plain: nn.Module, guard, split, config: ComparisonConfig,
@@ -776,6 +815,7 @@ def _evaluate_row(row: dict[str, Any], plain: nn.Module, guard, split, config: C
         progress.advance(detail="attacks done")
 
     _add_attack_metrics(row, scores, split, config)
+    _add_chance_and_intervals(row, scores, config)
     _add_canary_metrics(row, plain, split, scores, device)
     bounds = _add_guard_metrics(row, guard, split)
     row["attack_seconds"] = attack_seconds
@@ -894,8 +934,9 @@ def _add_canary_metrics(row: dict[str, Any], model: nn.Module, split,
 def _add_guard_metrics(row: dict[str, Any], guard, split) -> np.ndarray:
     ledger = guard.ledger
     summary = guard.summary()
-    bounds = ledger.cum_bound.detach().to("cpu", torch.float64).numpy()
-    seen = ledger.steps_seen.detach().cpu().numpy() > 0
+    n = len(split.train)  # ledger rows past n are one-run audit canaries
+    bounds = ledger.cum_bound[:n].detach().to("cpu", torch.float64).numpy()
+    seen = ledger.steps_seen[:n].detach().cpu().numpy() > 0
     top = ledger.top(10, by="cum_bound")
     mask = split.train_canary_mask.numpy()
     k = int(mask.sum())
@@ -919,6 +960,291 @@ def _add_guard_metrics(row: dict[str, Any], guard, split) -> np.ndarray:
         probe_auc_last=probe_auc,
     )
     return bounds[seen]
+
+
+def _make_model(config: ComparisonConfig, split, *, seed: int | None = None) -> nn.Module:
+    from gradguard.experiments.models import make_model
+
+    kwargs = {"hidden": config.hidden} if config.hidden is not None else {}
+    return make_model(config.model, split.input_shape, split.num_classes,
+                      seed=config.seed if seed is None else seed, **kwargs)
+
+
+def audit_canaries(split, config: ComparisonConfig):
+    """The comparison's one-run audit canaries for ``config.seed`` (None without any).
+
+    ``config.audit_canaries`` uniform-noise inputs over the data's value range with random
+    labels (:meth:`~gradguard.audit.canaries.Canaries.out_of_distribution`): far from the
+    real data, so they leave the member/holdout attacks and test accuracy nearly as they
+    were. Every row of one seed gets the same canaries and coins; k_plus = k_minus = m/10.
+
+    Args:
+        split: the :class:`~gradguard.experiments.data.MembershipSplit`.
+        config: the settings.
+
+    Returns:
+        A :class:`~gradguard.audit.canaries.Canaries`, or None.
+    """
+    from gradguard.audit.canaries import Canaries
+
+    if config.audit_canaries == 0:
+        return None
+    x = split.train.tensors[0]
+    return Canaries.out_of_distribution(
+        m=config.audit_canaries, input_shape=split.input_shape, num_classes=split.num_classes,
+        low=float(x.min()), high=float(x.max()) if float(x.max()) > float(x.min()) else 1.0,
+        seed=config.seed + 3)
+
+
+def _member_losses(model: nn.Module, split, device: torch.device) -> torch.Tensor:
+    from gradguard.audit.attacks import per_example_loss
+
+    x, y = split.train.tensors
+    return per_example_loss(model, x.to(device), y.to(device)).detach().to("cpu", torch.float64)
+
+
+def _add_audit_metrics(row: dict[str, Any], model: nn.Module, canaries,
+                       config: ComparisonConfig, writer, step: int) -> dict[str, np.ndarray]:
+    """One-run ε lower bound from the audit canaries (black-box loss scores)."""
+    keys = ("one_run_eps_lb", "one_run_guesses", "one_run_correct", "audit_canaries",
+            "audit_canaries_included")
+    if canaries is None:
+        row.update(dict.fromkeys(keys))
+        return {}
+    result = canaries.audit(model, delta=config.delta, writer=writer, step=step)
+    row.update(one_run_eps_lb=result["eps_lower_bound"], one_run_guesses=result["guesses"],
+               one_run_correct=result["correct"], audit_canaries=canaries.m,
+               audit_canaries_included=int(canaries.included.sum()))
+    return {"canaries__scores": canaries.scores(model).numpy(),
+            "canaries__included": canaries.included.numpy()}
+
+
+def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided binomial interval for a rate (Clopper–Pearson).
+
+    Args:
+        successes: k.
+        trials: n >= 1.
+        confidence: coverage.
+
+    Returns:
+        ``(low, high)``.
+
+    Example:
+        >>> low, high = clopper_pearson(0, 100)
+        >>> low, round(high, 4)
+        (0.0, 0.0362)
+    """
+    from scipy.stats import beta
+
+    alpha = (1 - confidence) / 2
+    low = float(beta.ppf(alpha, successes, trials - successes + 1)) if successes > 0 else 0.0
+    high = (float(beta.isf(alpha, successes + 1, trials - successes))
+            if successes < trials else 1.0)
+    return low, high
+
+
+def chance_best_tpr(scores: Mapping[str, tuple[np.ndarray, np.ndarray]], *, permutations: int,
+                    seed: int, target_fpr: float = 0.01) -> tuple[float, float]:
+    """Chance level of "best of k attacks" TPR at ``target_fpr``, by permutation.
+
+    Membership labels are permuted across the pooled members and non-members, the same
+    permutation for every attack (so the attacks keep their correlation), and the largest
+    TPR at the target FPR over the attacks is recorded. Under this null no attack knows
+    anything, so the draws show what "best of k" reaches by chance.
+
+    Args:
+        scores: per attack, (member scores, non-member scores).
+        permutations: number of permutations.
+        seed: seed of the permutations.
+        target_fpr: the FPR.
+
+    Returns:
+        ``(mean, 95th percentile)`` of the best TPR under the null.
+    """
+    from gradguard.audit.metrics import roc_curve, tpr_at_fpr
+
+    if not scores or permutations == 0:
+        return math.nan, math.nan
+    pooled = {a: np.concatenate(s) for a, s in scores.items()}
+    n_members = len(next(iter(scores.values()))[0])
+    rng = np.random.default_rng(seed)
+    best = np.empty(permutations)
+    for i in range(permutations):
+        order = rng.permutation(len(next(iter(pooled.values()))))
+        is_member = order < n_members
+        best[i] = max(tpr_at_fpr(*roc_curve(v[is_member], v[~is_member])[:2], target_fpr)
+                      for v in pooled.values())
+    return float(best.mean()), float(np.percentile(best, 95))
+
+
+def _add_chance_and_intervals(row: dict[str, Any],
+                              scores: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                              config: ComparisonConfig) -> None:
+    if not scores:
+        return
+    n_members = len(next(iter(scores.values()))[0])
+    hits = int(round(row["best_tpr_at_1pct_fpr"] * n_members))
+    low, high = clopper_pearson(hits, n_members)
+    mean, p95 = chance_best_tpr(scores, permutations=config.chance_permutations,
+                                seed=config.seed + 4)
+    row.update(best_tpr_at_1pct_fpr_hits=hits, best_tpr_at_1pct_fpr_n=n_members,
+               best_tpr_at_1pct_fpr_cp_low=low, best_tpr_at_1pct_fpr_cp_high=high,
+               chance_best_tpr_at_1pct_fpr=mean, chance_best_tpr_at_1pct_fpr_p95=p95)
+
+
+def _per_example_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                            chunk: int = 256) -> torch.Tensor:
+    """‖∇θ ℓ(x_i, y_i)‖ of every example at the final weights (torch.func, eval mode)."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def loss(p, xi, yi):
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    was_training = model.training
+    model.eval()
+    try:
+        norms = []
+        for start in range(0, x.shape[0], chunk):
+            grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x[start:start + chunk],
+                                                            y[start:start + chunk])
+            squared = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
+            norms.append(squared.sqrt().detach().to("cpu", torch.float64))
+    finally:
+        model.train(was_training)
+    return torch.cat(norms)
+
+
+RANKERS = ("gnq", "mean_loss", "final_loss", "grad_norm")
+"""Per-member rankings of "will leak", higher = more exposed (direction fixed in advance):
+the ledger's cumulative GNQ bound, and three free baselines: the member's loss averaged
+over the end-of-epoch evaluations, its final loss, its final gradient norm."""
+
+
+def _add_ranking_metrics(row: dict[str, Any], model: nn.Module, guard, split,
+                         scores: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                         epoch_losses: torch.Tensor, config: ComparisonConfig,
+                         device: torch.device) -> None:
+    """Does the ledger rank the members an attack exposes better than free baselines?
+
+    Exposed = members the strongest available attack (LiRA online, else the loss attack)
+    scores above its 1%-FPR threshold on the non-members. Each ranker's AUC at telling
+    exposed from other members, and a paired bootstrap (members resampled) of
+    AUC(gnq) − AUC(baseline); left empty with fewer than 5 exposed (or unexposed) members.
+    """
+    from gradguard.audit.metrics import roc_auc
+
+    keys = [f"rank_auc_{r}" for r in RANKERS] + [
+        f"rank_gnq_minus_{b}{s}" for b in RANKERS[1:] for s in ("", "_low", "_high")]
+    row.update(dict.fromkeys(keys), rank_exposed=None, rank_attack=None)
+    attack = "lira_online" if "lira_online" in scores else "loss" if "loss" in scores else None
+    if attack is None:
+        return
+    members, nonmembers = scores[attack]
+    threshold = np.quantile(nonmembers, 0.99, method="higher")
+    exposed = members > threshold
+    row.update(rank_exposed=int(exposed.sum()), rank_attack=attack)
+    if min(exposed.sum(), (~exposed).sum()) < _MIN_EXPOSED:
+        return  # an AUC over a handful of positives (and its bootstrap) would mean nothing
+    n = len(split.train)
+    x, y = split.train.tensors
+    # A copy without the guard's and Opacus' hooks, which torch.func cannot trace through.
+    hookless = _make_model(config, split).to(device)
+    hookless.load_state_dict(model.state_dict())
+    rankers = {
+        "gnq": guard.ledger.cum_bound[:n].detach().to("cpu", torch.float64).numpy(),
+        "mean_loss": epoch_losses.mean(0).numpy(),
+        "final_loss": epoch_losses[-1].numpy(),
+        "grad_norm": _per_example_grad_norms(hookless, x.to(device), y.to(device)).numpy(),
+    }
+    for name, values in rankers.items():
+        row[f"rank_auc_{name}"] = roc_auc(values[exposed], values[~exposed])
+    rng = np.random.default_rng(config.seed + 5)
+    draws = {b: np.empty(config.bootstrap) for b in RANKERS[1:]}
+    size = len(exposed)
+    for i in range(config.bootstrap):
+        pick = rng.integers(0, size, size)
+        target = exposed[pick]
+        if target.all() or not target.any():
+            for b in draws:
+                draws[b][i] = np.nan
+            continue
+        gnq = rankers["gnq"][pick]
+        auc_gnq = roc_auc(gnq[target], gnq[~target])
+        for b in draws:
+            values = rankers[b][pick]
+            draws[b][i] = auc_gnq - roc_auc(values[target], values[~target])
+    for b, diffs in draws.items():
+        diffs = diffs[np.isfinite(diffs)]
+        row[f"rank_gnq_minus_{b}"] = row["rank_auc_gnq"] - row[f"rank_auc_{b}"]
+        if diffs.size:
+            row[f"rank_gnq_minus_{b}_low"] = float(np.percentile(diffs, 2.5))
+            row[f"rank_gnq_minus_{b}_high"] = float(np.percentile(diffs, 97.5))
+
+
+def tune_dp_sgd(split, config: ComparisonConfig, epsilon: float, *,
+                device: torch.device | None = None,
+                progress: Progress | None = None) -> dict[str, Any]:
+    """DP-SGD's own small hyperparameter search, on a validation split of the members.
+
+    A seeded fifth of the members is held out; every combination of
+    :data:`_DP_SEARCH_GRID` (multipliers of the shared lr, clipping norm C and epochs) is
+    trained with DP-SGD at ``epsilon`` on the other four fifths and scored by accuracy on
+    the held-out fifth. Test data and attack results are never looked at. The search's own
+    privacy cost is not accounted (as is usual; it would add to every DP-SGD row's ε).
+
+    Args:
+        split: the :class:`~gradguard.experiments.data.MembershipSplit`.
+        config: the settings (its lr, max_grad_norm and epochs are the grid's centre).
+        epsilon: the DP-SGD target ε.
+        device: where to train.
+        progress: optional progress line.
+
+    Returns:
+        ``{"lr", "max_grad_norm", "epochs", "val_accuracy", "candidates"}`` of the best
+        candidate (ties: the first in grid order).
+    """
+    import itertools
+
+    from opacus import PrivacyEngine
+
+    device = device or _resolve_device(config.device)
+    x, y = split.train.tensors
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed + 6))
+    n_val = max(1, round(_DP_VALIDATION_FRACTION * x.shape[0]))
+    val = TensorDataset(x[order[:n_val]], y[order[:n_val]])
+    fit = TensorDataset(x[order[n_val:]], y[order[n_val:]])
+    best: dict[str, Any] | None = None
+    grid = list(itertools.product(*_DP_SEARCH_GRID.values()))
+    for i, (lr_mult, clip_mult, epoch_mult) in enumerate(grid):
+        if progress is not None:
+            progress.stage(f"DP-SGD ε={epsilon:g} search {i + 1}/{len(grid)}")
+        candidate = {"lr": config.lr * lr_mult, "max_grad_norm": config.max_grad_norm * clip_mult,
+                     "epochs": max(1, round(config.epochs * epoch_mult))}
+        model = _make_model(config, split).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=candidate["lr"],
+                                    momentum=config.momentum)
+        with warnings.catch_warnings():
+            for message in _NOISY_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            model, optimizer, loader = PrivacyEngine(accountant=config.accountant
+                                                     ).make_private_with_epsilon(
+                module=model, optimizer=optimizer,
+                data_loader=_loader(fit, config.batch_size, config.seed),
+                target_epsilon=epsilon, target_delta=config.delta, epochs=candidate["epochs"],
+                max_grad_norm=candidate["max_grad_norm"], grad_sample_mode="hooks",
+                noise_generator=torch.Generator(device=device).manual_seed(config.seed + 7))
+            _fit(model, loader, optimizer, epochs=candidate["epochs"], device=device)
+        candidate["val_accuracy"] = _accuracy(_unwrap(model), val, device)
+        if best is None or candidate["val_accuracy"] > best["val_accuracy"]:
+            best = candidate
+    assert best is not None
+    best["candidates"] = len(grid)
+    return best
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -970,6 +1296,11 @@ def run_comparison(config: ComparisonConfig, *, progress: bool = True, overwrite
     baseline_bounds: np.ndarray | None = None
     try:
         for spec in specs:
+            search = None
+            if spec.defence == "dp-sgd" and config.dp_search:
+                search = tune_dp_sgd(split, config, spec.epsilon, device=device, progress=bar)
+                spec = dataclasses.replace(spec, lr=search["lr"], epochs=search["epochs"],
+                                           max_grad_norm=search["max_grad_norm"])
             if spec.budget_percentile is not None:
                 if baseline_bounds is None or baseline_bounds.size == 0:
                     raise RuntimeError("the baseline row did not record any bounds to set "
@@ -977,6 +1308,8 @@ def run_comparison(config: ComparisonConfig, *, progress: bool = True, overwrite
                 budget = float(np.percentile(baseline_bounds, spec.budget_percentile))
                 spec = dataclasses.replace(spec, budget=budget)
             output = _run_row(spec, split, config, shadows=shadows, progress=bar)
+            output.metrics["dp_search_val_accuracy"] = (
+                search["val_accuracy"] if search is not None else None)
             if spec.defence == "none":
                 baseline_bounds = output.bounds
             outputs.append(output)
@@ -1238,6 +1571,9 @@ def _write_outputs(out: Path, config: ComparisonConfig, split, rows: list[dict[s
             slug = Path(o.metrics["run_dir"]).name
             arrays[f"{slug}__{attack}__members"] = o.scores[attack][0]
             arrays[f"{slug}__{attack}__nonmembers"] = o.scores[attack][1]
+    for o in outputs:
+        slug = Path(o.metrics["run_dir"]).name
+        arrays.update({f"{slug}__{key}": value for key, value in o.extra.items()})
     np.savez(out / "scores.npz", **arrays)
 
 
