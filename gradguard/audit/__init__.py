@@ -17,6 +17,7 @@ from gradguard.audit.metrics import (
     empirical_epsilon,
     mia_metrics,
     roc_auc,
+    roc_auc_standard_error,
     roc_curve,
     tpr_at_fpr,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "one_run_p_value",
     "per_example_loss",
     "roc_auc",
+    "roc_auc_standard_error",
     "roc_curve",
     "shadow_masks",
     "tpr_at_fpr",

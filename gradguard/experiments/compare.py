@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -61,6 +62,9 @@ __all__ = [
     "Progress",
     "aggregate_rows",
     "demo_config",
+    "paired_differences",
+    "preset_config",
+    "tune_dp_sgd",
     "markdown_table",
     "parse_policy_spec",
     "row_specs",
@@ -299,6 +303,44 @@ def demo_config(out_dir: str = "runs/demo", **overrides: Any) -> ComparisonConfi
                                     n_shadows=8, probes=5, out_dir=out_dir)
     settings.update(overrides)
     return ComparisonConfig(**settings)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "standard": {},
+    "clean": {"canaries": 0},
+    "memorisation": {"max_examples": 900, "canaries": 58, "canary_kind": "mislabel",
+                     "hidden": (512,), "epochs": 100},
+    "memorisation-clean": {"max_examples": 900, "canaries": 0, "hidden": (512,), "epochs": 100},
+}
+"""Named settings of :class:`ComparisonConfig` (``gradguard compare --preset NAME``).
+
+- ``standard``: the defaults (digits, 719 members, 10 mislabelled member canaries).
+- ``clean``: the same without any mislabelled example: the control that tells label-noise
+  filtering from privacy (a defence that "gains" accuracy only with mislabelled examples
+  present is filtering noise). The one-run audit canaries (uniform noise) stay.
+- ``memorisation``: a regime where models memorise: 900 digits (360 members), 29
+  mislabelled members (8%), a 512-wide MLP, 100 epochs.
+- ``memorisation-clean``: the same without mislabelled examples (its control).
+"""
+
+
+def preset_config(name: str, **overrides: Any) -> ComparisonConfig:
+    """A :class:`ComparisonConfig` from a named preset (:data:`PRESETS`) and overrides.
+
+    Args:
+        name: a key of :data:`PRESETS`.
+        **overrides: any other :class:`ComparisonConfig` field.
+
+    Returns:
+        The configuration.
+
+    Example:
+        >>> preset_config("memorisation").epochs
+        100
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return ComparisonConfig(**{**PRESETS[name], **overrides})
 
 
 # --------------------------------------------------------------------------- rows
@@ -817,6 +859,7 @@ def _evaluate_row(row: dict[str, Any], plain: nn.Module, guard, split, config: C
     _add_attack_metrics(row, scores, split, config)
     _add_chance_and_intervals(row, scores, config)
     _add_canary_metrics(row, plain, split, scores, device)
+    _add_subgroup_curvature(row, scores, split)
     bounds = _add_guard_metrics(row, guard, split)
     row["attack_seconds"] = attack_seconds
     return scores, bounds
@@ -931,6 +974,33 @@ def _add_canary_metrics(row: dict[str, Any], model: nn.Module, split,
                                           device)
 
 
+def _add_subgroup_curvature(row: dict[str, Any],
+                            scores: Mapping[str, tuple[np.ndarray, np.ndarray]], split) -> None:
+    """Curvature attack AUC ± DeLong SE on typical examples and on mislabelled canaries.
+
+    The direction stays the one fixed in advance (low curvature = member); on mislabelled
+    examples it may invert, which this shows rather than hides.
+    """
+    from gradguard.audit.metrics import roc_auc, roc_auc_standard_error
+
+    keys = ("curvature_auc_typical", "curvature_auc_typical_se", "curvature_auc_mislabelled",
+            "curvature_auc_mislabelled_se")
+    row.update(dict.fromkeys(keys))
+    if "curvature" not in scores:
+        return
+    members, nonmembers = scores["curvature"]
+    member_mask = split.train_canary_mask.numpy()
+    holdout_mask = split.holdout_canary_mask.numpy()
+    groups = {"typical": (~member_mask, ~holdout_mask)}
+    if split.canary_kind == "mislabel":
+        groups["mislabelled"] = (member_mask, holdout_mask)
+    for name, (in_mask, out_mask) in groups.items():
+        if in_mask.any() and out_mask.any():
+            row[f"curvature_auc_{name}"] = roc_auc(members[in_mask], nonmembers[out_mask])
+            row[f"curvature_auc_{name}_se"] = roc_auc_standard_error(members[in_mask],
+                                                                     nonmembers[out_mask])
+
+
 def _add_guard_metrics(row: dict[str, Any], guard, split) -> np.ndarray:
     ledger = guard.ledger
     summary = guard.summary()
@@ -945,9 +1015,10 @@ def _add_guard_metrics(row: dict[str, Any], guard, split) -> np.ndarray:
         # Of the k most-disclosing examples, how many are the k member canaries.
         order = np.argsort(-np.where(seen, bounds, -np.inf), kind="stable")[:k]
         canaries_in_top = int(mask[order].sum())
-    probe_auc = None
+    probe_auc = probe_auc_se = None
     if guard.curvature is not None and guard.curvature.history:
         probe_auc = guard.curvature.history[-1]["auc"]
+        probe_auc_se = guard.curvature.history[-1].get("auc_se")
     row.update(
         gnq_max=summary["max_gnq"], gnq_max_bound=summary["max_bound"],
         gnq_mean_bound=summary["mean_bound"],
@@ -957,7 +1028,7 @@ def _add_guard_metrics(row: dict[str, Any], guard, split) -> np.ndarray:
         censored_total=summary["censored_total"], steps=summary["step"],
         top_indices=[int(r["index"]) for r in top],
         top_bounds=[float(r["cum_bound"]) for r in top],
-        probe_auc_last=probe_auc,
+        probe_auc_last=probe_auc, probe_auc_last_se=probe_auc_se,
     )
     return bounds[seen]
 
@@ -1375,7 +1446,8 @@ def run_repeated(config: ComparisonConfig, seeds: Sequence[int], *, progress: bo
     rows = aggregate_rows(per_seed)
     for row in rows:
         row["seeds"] = seeds
-    _write_summary(out, config, seeds, rows, time.perf_counter() - start)
+    _write_summary(out, config, seeds, rows, paired_differences(per_seed),
+                   time.perf_counter() - start)
     return rows
 
 
@@ -1387,8 +1459,11 @@ def aggregate_rows(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict
 
     Returns:
         One dict per row: text columns from the first seed, numeric ones as the mean over
-        the seeds where they are finite, ``<key>_sd`` (ddof=1; None with one value) and
-        ``n_seeds``.
+        the seeds where they are finite, ``<key>_sd`` (ddof=1; None with one value),
+        ``<key>_ci95`` (half-width of the Student-t 95% interval of the mean,
+        t_{0.975, n−1}·sd/√n) and ``n_seeds``. Where the rows carry the best attack's
+        TPR@1%FPR hit counts, ``best_tpr_at_1pct_fpr_pooled_cp_low``/``_high`` is the
+        Clopper–Pearson interval of the hits pooled over the seeds.
 
     Raises:
         ValueError: the seeds' comparisons have different rows.
@@ -1410,6 +1485,13 @@ def aggregate_rows(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict
             finite = [float(v) for v in values if _finite(v)]
             row[key] = float(np.mean(finite)) if finite else None
             row[f"{key}_sd"] = float(np.std(finite, ddof=1)) if len(finite) > 1 else None
+            row[f"{key}_ci95"] = _t_half_width(finite)
+        hits = [g.get("best_tpr_at_1pct_fpr_hits") for g in group]
+        trials = [g.get("best_tpr_at_1pct_fpr_n") for g in group]
+        if all(_finite(h) for h in hits) and all(_finite(t) for t in trials):
+            low, high = clopper_pearson(int(sum(hits)), int(sum(trials)))
+            row["best_tpr_at_1pct_fpr_pooled_cp_low"] = low
+            row["best_tpr_at_1pct_fpr_pooled_cp_high"] = high
         row["name"] = first["name"]
         row["n_seeds"] = len(group)
         row.pop("run_dir", None)
@@ -1417,26 +1499,139 @@ def aggregate_rows(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict
     return out
 
 
+def _t_half_width(values: Sequence[float]) -> float | None:
+    from scipy.stats import t
+
+    if len(values) < 2:
+        return None
+    return float(t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+PAIRED_KEYS = ("test_accuracy", "best_tpr_at_1pct_fpr", "best_auc", "one_run_eps_lb")
+
+
+def paired_differences(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Each non-DP row minus the DP-SGD row closest to it in mean test accuracy, seed by seed.
+
+    The same seed shares the split, the canaries and the initial weights between the two
+    rows, so the per-seed differences are paired; their mean gets a Student-t 95% interval.
+
+    Args:
+        per_seed: the rows of each seed's comparison, in the same row order.
+
+    Returns:
+        One dict per non-DP row (empty without DP-SGD rows or with one seed): ``name``,
+        ``versus`` (the matched DP-SGD row), ``n_seeds`` and for each of
+        :data:`PAIRED_KEYS` the mean difference and ``<key>_ci95``.
+    """
+    if len(per_seed) < 2:
+        return []
+    first = per_seed[0]
+    mean_acc = [np.mean([rows[i]["test_accuracy"] for rows in per_seed])
+                for i in range(len(first))]
+    dp = [i for i, r in enumerate(first) if r.get("defence") == "dp-sgd"]
+    out = []
+    for i, row in enumerate(first):
+        if not dp or row.get("defence") == "dp-sgd":
+            continue
+        j = min(dp, key=lambda k: abs(mean_acc[k] - mean_acc[i]))
+        diff: dict[str, Any] = {"name": row["name"], "versus": first[j]["name"],
+                                "n_seeds": len(per_seed)}
+        for key in PAIRED_KEYS:
+            values = [rows[i].get(key) - rows[j].get(key) for rows in per_seed
+                      if _finite(rows[i].get(key)) and _finite(rows[j].get(key))]
+            diff[key] = float(np.mean(values)) if values else None
+            diff[f"{key}_ci95"] = _t_half_width(values)
+        out.append(diff)
+    return out
+
+
+def paired_table(diffs: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`paired_differences` as a markdown table (mean difference ± 95% interval)."""
+    header = ["row", "versus (matched accuracy)", "Δ test acc", "Δ best TPR@1%FPR",
+              "Δ best AUC", "Δ one-run ε_lb"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * 4]
+    for d in diffs:
+        cells = [d["name"], d["versus"]] + [_pm(d.get(k), d.get(f"{k}_ci95"), signed=True)
+                                            for k in PAIRED_KEYS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ranking_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Does the ledger rank exposed members better than free baselines? (markdown)
+
+    Per row: how many members the strongest attack exposes at 1% FPR, each ranker's AUC
+    (:data:`RANKERS`), and AUC(gnq) − AUC(baseline) with its paired bootstrap 95% interval
+    (single seed) or its mean ± Student-t interval over seeds.
+    """
+    header = ["row", "exposed", "GNQ AUC", "mean-loss AUC", "final-loss AUC", "grad-norm AUC",
+              "GNQ − mean loss", "GNQ − final loss", "GNQ − grad norm"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for r in rows:
+        cells = [r["name"], _fmt(r.get("rank_exposed"), 0)]
+        cells += [_pm(r.get(f"rank_auc_{k}"), r.get(f"rank_auc_{k}_ci95")) for k in RANKERS]
+        for b in RANKERS[1:]:
+            key = f"rank_gnq_minus_{b}"
+            text = _pm(r.get(key), r.get(f"{key}_ci95"), signed=True)
+            if _finite(r.get(f"{key}_low")) and not _finite(r.get(f"{key}_ci95")):
+                text += f" [{r[f'{key}_low']:+.3f}, {r[f'{key}_high']:+.3f}]"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curvature_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Curvature attack AUC per subgroup and the last probe's AUC, with uncertainty (markdown).
+
+    One seed: ± DeLong standard error. Over seeds: mean ± Student-t 95% interval.
+    """
+    header = ["row", "curv. AUC typical", "curv. AUC mislabelled canaries", "last probe AUC"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * 3]
+    for r in rows:
+        cells = [r["name"]]
+        for key in ("curvature_auc_typical", "curvature_auc_mislabelled", "probe_auc_last"):
+            spread = r.get(f"{key}_ci95") if _finite(r.get(f"{key}_ci95")) else r.get(
+                f"{key}_se")
+            cells.append(_pm(r.get(key), spread))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pm(value: Any, half_width: Any, *, signed: bool = False, digits: int = 3) -> str:
+    if not _finite(value):
+        return "–"
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    if _finite(half_width):
+        text += f" ± {half_width:.{digits}f}"
+    return text
+
+
 def _write_summary(out: Path, config: ComparisonConfig, seeds: Sequence[int],
-                   rows: list[dict[str, Any]], total_seconds: float) -> None:
+                   rows: list[dict[str, Any]], diffs: list[dict[str, Any]],
+                   total_seconds: float) -> None:
+    from gradguard._io import atomic_write_json, atomic_write_text
     from gradguard.experiments.plots import plot_privacy_utility
 
     device = _resolve_device(config.device)
     seed_list = ", ".join(map(str, seeds))
-    notes = [f"Mean ± sample standard deviation over {len(seeds)} seeds ({seed_list}"
-             "); each seed redraws the split, the canaries, the initial weights, the data order, "
-             "DP noise and the attacks' random vectors. Per-seed results: seed_<s>/."]
+    notes = [f"Mean ± half-width of the Student-t 95% interval of the mean over {len(seeds)} "
+             f"seeds ({seed_list}); each seed redraws the split, the canaries, the initial "
+             "weights, the data order, DP noise and the attacks' random vectors. Per-seed "
+             "results: seed_<s>/. best TPR@1%FPR: [pooled Clopper–Pearson 95% interval of the "
+             "hits over all seeds' members]."]
     first = _read_json(out / f"seed_{seeds[0]}" / "results.json")
     notes += first.get("notes", [])
     _write_csv(out / "results_over_seeds.csv", rows)
+    if diffs:
+        _write_csv(out / "paired_differences.csv", diffs)
     doc = {"config": {**config.to_dict(), "seed": None}, "seeds": list(seeds),
            "rows": [_json_row(r) for r in rows], "attacks": first.get("attacks", []),
+           "paired_differences": [_json_row(d) for d in diffs],
            "environment": _environment(device), "total_seconds": total_seconds,
            "notes": notes, "per_seed": [f"seed_{s}" for s in seeds]}
-    with open(out / "results_over_seeds.json", "w") as f:
-        json.dump(doc, f, indent=2, allow_nan=False)
-    with open(out / "results_over_seeds.md", "w") as f:
-        f.write(markdown_table(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    atomic_write_json(out / "results_over_seeds.json", doc)
+    atomic_write_text(out / "results_over_seeds.md", _document(rows, notes, diffs))
     plot_privacy_utility(
         [{"name": r["name"], "test_accuracy": r["test_accuracy"], "auc": r["best_auc"],
           "tpr_at_1pct_fpr": r["best_tpr_at_1pct_fpr"]} for r in rows],
@@ -1450,6 +1645,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 _OUTPUT_GLOBS = ("results.csv", "results.json", "results.md", "results_over_seeds.*",
+                 "paired_differences.csv",
                  "privacy_utility.png", "roc_*.png", "scores.npz", "report.md",
                  "report.html")
 _OUTPUT_DIRS = ("tb", "report_files", "seed_*")
@@ -1506,9 +1702,33 @@ def _notes(config: ComparisonConfig, split) -> list[str]:
         f"{config.epochs} epochs, batch {config.batch_size}, SGD lr {config.lr:g} momentum "
         f"{config.momentum:g}, on the same split ({n} members, {len(split.holdout)} holdout "
         f"non-members, {len(split.test)} test) of {split.name}.",
-        f"DP-SGD: Opacus make_private_with_epsilon, Poisson sampling, clipping norm "
-        f"C={config.max_grad_norm:g}, δ={config.delta:g} (1/n = {1 / n:.2g}); 'DP ε' is the "
-        f"{config.accountant} accountant's ε spent at that δ.",
+        f"DP-SGD: Opacus make_private_with_epsilon, Poisson sampling, δ={config.delta:g} "
+        f"(1/n = {1 / n:.2g}); 'DP ε' is the {config.accountant} accountant's ε spent at that "
+        "δ. " + (
+            "Each DP-SGD row's lr, epochs and clipping norm C were chosen by its own search "
+            "(lr and C ×0.5 / ×2, epochs ×0.5 / ×1 of the shared recipe) on a seeded fifth of "
+            "the members held out as validation, never on test or attack data; the search's "
+            "own privacy cost is not counted."
+            if config.dp_search else
+            f"Clipping norm C={config.max_grad_norm:g}, the shared recipe (no search)."),
+        "Chance best-of-k: the best TPR@1%FPR over the attacks when membership labels are "
+        f"permuted ({config.chance_permutations} permutations, the same for every attack): "
+        "mean [95th percentile]. A best TPR inside that range is indistinguishable from "
+        "chance. [CP 95%]: exact Clopper–Pearson interval of the best attack's TPR (chosen "
+        "after the fact, so optimistic; compare it with the chance level).",
+        (f"One-run ε_lb (Steinke, Nasr & Jagielski 2023): {config.audit_canaries} "
+         "uniform-noise canaries with random labels, each added to training by its own fair "
+         "coin; the loss of each canary under the trained model ranks them, the top and bottom "
+         f"{max(1, config.audit_canaries // 10)} are guessed in / out (fixed in advance); the "
+         f"bound holds at 95% confidence for (ε, δ={config.delta:g}) and certifies the training "
+         "*algorithm* from this one run. With a perfect attack it cannot exceed about "
+         f"{_one_run_ceiling(config):.2f}."
+         if config.audit_canaries else "One-run audit: off (audit_canaries=0)."),
+        "Ranking baselines (second table): members exposed = those LiRA online (else the loss "
+        "attack) scores above its 1%-FPR threshold on the holdout; rankers, higher = more "
+        "exposed, fixed in advance: the ledger's cumulative GNQ bound, the member's loss "
+        "averaged over end-of-epoch evaluations, its final loss, its final gradient norm; "
+        f"paired bootstrap over members ({config.bootstrap} resamples).",
         "Attacks score members (training set) against non-members (holdout); higher = member. "
         "loss: −loss. curv.: input-loss curvature "
         f"({config.curvature_estimator} estimator, {config.curvature_vectors} vectors), "
@@ -1528,9 +1748,20 @@ def _notes(config: ComparisonConfig, split) -> list[str]:
     ]
 
 
+def _one_run_ceiling(config: ComparisonConfig) -> float:
+    from gradguard.audit.one_run import one_run_epsilon
+
+    k = max(1, config.audit_canaries // 10)
+    perfect = np.r_[np.ones(k), np.zeros(config.audit_canaries - 2 * k), np.zeros(k)]
+    coins = np.r_[np.ones(k), np.zeros(config.audit_canaries - k)].astype(bool)
+    return one_run_epsilon(perfect, coins, k_plus=k, k_minus=k,
+                           delta=config.delta)["eps_lower_bound"]
+
+
 def _write_outputs(out: Path, config: ComparisonConfig, split, rows: list[dict[str, Any]],
                    outputs: list[_RowOutput], attacks: Sequence[str],
                    shadows: ShadowSet | None, total_seconds: float) -> None:
+    from gradguard._io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from gradguard.experiments.plots import plot_privacy_utility, plot_roc
 
     device = _resolve_device(config.device)
@@ -1548,11 +1779,8 @@ def _write_outputs(out: Path, config: ComparisonConfig, split, rows: list[dict[s
            "attacks": list(attacks), "environment": _environment(device),
            "shadow_seconds": shadows.seconds if shadows is not None else 0.0,
            "total_seconds": total_seconds, "notes": notes, "files": files}
-    with open(out / "results.json", "w") as f:
-        json.dump(doc, f, indent=2, allow_nan=False)
-    table = markdown_table(rows)
-    with open(out / "results.md", "w") as f:
-        f.write(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    atomic_write_json(out / "results.json", doc)
+    atomic_write_text(out / "results.md", _document(rows, notes))
 
     pu_rows = [{"name": r["name"], "test_accuracy": r["test_accuracy"],
                 "auc": r["best_auc"], "tpr_at_1pct_fpr": r["best_tpr_at_1pct_fpr"]}
@@ -1574,7 +1802,24 @@ def _write_outputs(out: Path, config: ComparisonConfig, split, rows: list[dict[s
     for o in outputs:
         slug = Path(o.metrics["run_dir"]).name
         arrays.update({f"{slug}__{key}": value for key, value in o.extra.items()})
-    np.savez(out / "scores.npz", **arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(out / "scores.npz", buffer.getvalue())
+
+
+def _document(rows: Sequence[Mapping[str, Any]], notes: Sequence[str],
+              diffs: Sequence[Mapping[str, Any]] = ()) -> str:
+    parts = [markdown_table(rows)]
+    if diffs:
+        parts += ["Paired differences against the DP-SGD row of closest mean test accuracy "
+                  "(same seeds; mean ± Student-t 95% interval):", paired_table(diffs)]
+    parts += ["Does the GNQ ledger rank the members an attack exposes (LiRA online at 1% FPR) "
+              "better than free baselines? AUC per ranker; differences with a paired bootstrap "
+              "95% interval (one seed) or mean ± 95% interval over seeds:", ranking_table(rows),
+              "Curvature attack (direction fixed: low curvature = member) per subgroup, and the "
+              "last in-training probe: ± DeLong SE (one seed) or ± 95% interval over seeds:",
+              curvature_table(rows)]
+    return "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -1591,15 +1836,18 @@ def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_csv(path, rows: list[dict]) -> None:
-    """One CSV row per result row; columns in first-seen order across all rows."""
+    """One CSV row per result row; columns in first-seen order across all rows (atomic)."""
+    from gradguard._io import atomic_write_text
+
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    atomic_write_text(path, text.getvalue())
 
 
 def _csv_value(value: Any) -> Any:
@@ -1627,10 +1875,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The comparison as a markdown table, one line per row.
 
     Columns: defence, test accuracy, the accountant's DP ε, AUC of each attack that ran,
-    the strongest attack's TPR at 1% FPR and empirical ε lower bound, the canaries'
-    exposure, the GNQ ledger's largest bound, examples dropped/clipped, and wall time.
-    Rows aggregated over seeds (:func:`run_repeated`) show "mean ± sd" where they carry
-    ``<key>_sd``.
+    the strongest attack's TPR at 1% FPR with its Clopper–Pearson 95% interval in
+    brackets, the chance level of that "best of k attacks" TPR (permutation mean, 95th
+    percentile in brackets), its empirical ε lower bound, the one-run audit's ε lower
+    bound, the canaries' exposure, the GNQ ledger's largest bound, examples
+    dropped/clipped, and wall time. Rows aggregated over seeds (:func:`run_repeated`) show
+    "mean ± half-width of the 95% interval" where they carry ``<key>_ci95`` (else
+    ``<key>_sd``), and the pooled Clopper–Pearson interval of the best TPR.
 
     Args:
         rows: result rows from :func:`run_row`, :func:`run_comparison` or
@@ -1641,18 +1892,29 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """
     attacks = [a for a in ATTACKS if any(f"{a}_auc" in r for r in rows)]
     header = (["defence", "test acc", "DP ε"] + [f"{_ATTACK_LABELS[a]} AUC" for a in attacks]
-              + ["best TPR@1%FPR", "best ε_lb", "canary AUC", "canaries fit (m/h)",
+              + ["best TPR@1%FPR [CP 95%]", "chance best-of-k [p95]", "best ε_lb",
+                 "one-run ε_lb", "canary AUC", "canaries fit (m/h)",
                  "max bound (nats)", "dropped / clipped", "time (s)"])
     align = ["---"] + ["---:"] * (len(header) - 1)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for r in rows:
 
         def cell(key: str, digits: int = 3, row: Mapping[str, Any] = r) -> str:
-            # "mean ± sd" for rows aggregated over seeds (see run_repeated).
+            # "mean ± 95% interval" (else ± sd) for rows aggregated over seeds.
             text = _fmt(row.get(key), digits)
-            if text != "–" and _finite(row.get(f"{key}_sd")):
-                text += f" ± {row[f'{key}_sd']:.{digits}f}"
+            spread = row.get(f"{key}_ci95", row.get(f"{key}_sd"))
+            if text != "–" and _finite(spread):
+                text += f" ± {spread:.{digits}f}"
             return text
+
+        tpr = cell("best_tpr_at_1pct_fpr")
+        for prefix in ("best_tpr_at_1pct_fpr_pooled_cp", "best_tpr_at_1pct_fpr_cp"):
+            if _finite(r.get(f"{prefix}_low")) and tpr != "–":
+                tpr += f" [{r[f'{prefix}_low']:.3f}, {r[f'{prefix}_high']:.3f}]"
+                break
+        chance = _fmt(r.get("chance_best_tpr_at_1pct_fpr"))
+        if chance != "–" and _finite(r.get("chance_best_tpr_at_1pct_fpr_p95")):
+            chance += f" [{r['chance_best_tpr_at_1pct_fpr_p95']:.3f}]"
 
         fit = "–"
         if _finite(r.get("canary_fit_members")) and _finite(r.get("canary_fit_holdout")):
@@ -1665,7 +1927,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         if r.get("budget_nats") is not None and "budget=p" in str(r.get("setting", "")):
             name += f" ({r['budget_nats']:.3g} nats)"
         cells = ([name, cell("test_accuracy"), eps] + [cell(f"{a}_auc") for a in attacks]
-                 + [cell("best_tpr_at_1pct_fpr"), cell("best_eps_lower_bound", 2),
+                 + [tpr, chance, cell("best_eps_lower_bound", 2), cell("one_run_eps_lb", 2),
                     cell("canary_best_auc"), fit, _fmt(r.get("gnq_max_bound"), 1), acted,
                     _fmt(r.get("wall_seconds"), 0)])
         lines.append("| " + " | ".join(cells) + " |")
