@@ -1,4 +1,4 @@
-"""Membership-inference audit: metrics and attack scores."""
+"""Membership-inference audit: metrics, attack scores, one-run auditing and canaries."""
 
 from gradguard.audit.attacks import (
     curvature_attack,
