@@ -1446,6 +1446,7 @@ def run_repeated(config: ComparisonConfig, seeds: Sequence[int], *, progress: bo
                               overwrite=overwrite, stream=stream)
     config.validate()
     out = Path(config.out_dir)
+    _load_split(dataclasses.replace(config, seed=seeds[0]))  # missing data: fail before writing
     _prepare_out_dir(out, overwrite=overwrite)
     start = time.perf_counter()
     per_seed: list[list[dict[str, Any]]] = []
