@@ -1168,12 +1168,13 @@ def _add_chance_and_intervals(row: dict[str, Any],
                chance_best_tpr_at_1pct_fpr=mean, chance_best_tpr_at_1pct_fpr_p95=p95)
 
 
-def _per_example_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                            chunk: int = 256) -> torch.Tensor:
+def _per_example_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """‖∇θ ℓ(x_i, y_i)‖ of every example at the final weights (torch.func, eval mode)."""
     from torch.func import functional_call, grad, vmap
 
     params = {k: v.detach() for k, v in model.named_parameters()}
+    # About 2e8 gradient entries per chunk (0.8 GB in float32), whatever the model's size.
+    chunk = max(1, min(256, int(2e8 // max(1, sum(p.numel() for p in params.values())))))
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
     def loss(p, xi, yi):
