@@ -1583,7 +1583,11 @@ def ranking_table(rows: Sequence[Mapping[str, Any]]) -> str:
               "GNQ − mean loss", "GNQ − final loss", "GNQ − grad norm"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for r in rows:
-        cells = [r["name"], _fmt(r.get("rank_exposed"), 0)]
+        name = r["name"]
+        if (r.get("n_seeds") or 1) > 1 and _finite(r.get("rank_auc_gnq")) and not _finite(
+                r.get("rank_auc_gnq_ci95")):
+            name += " (one seed only: the others exposed < 5 members)"
+        cells = [name, _fmt(r.get("rank_exposed"), 0)]
         cells += [_pm(r.get(f"rank_auc_{k}"), r.get(f"rank_auc_{k}_ci95")) for k in RANKERS]
         for b in RANKERS[1:]:
             key = f"rank_gnq_minus_{b}"
