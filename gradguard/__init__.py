@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 # Public names -> the submodule that defines them. Imported on first use (PEP 562), so that
 # `gradguard --help` and `import gradguard.formatting` do not pay for torch.
 _EXPORTS = {
+    "Canaries": ".audit.canaries",
     "CurvatureProbe": ".curvature", "ProbeResult": ".curvature",
     "input_curvature": ".curvature",
     "GradGuard": ".engine", "NonFiniteGradientError": ".engine",
@@ -30,6 +31,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from . import audit
+    from .audit.canaries import Canaries
     from .config import GuardConfig
     from .curvature import CurvatureProbe, ProbeResult, input_curvature
     from .engine import GradGuard, NonFiniteGradientError
@@ -64,6 +66,7 @@ __all__ = [
     "ProbeResult",
     "input_curvature",
     "audit",
+    "Canaries",
     "GuardedOptimizer",
     "NonFiniteGradientError",
     "DisclosureLedger",

@@ -12,6 +12,7 @@ value, a missing ``--data-dir``), 1 when the work itself fails (the message goes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -210,9 +211,10 @@ def build_parser(*, compare_options: bool = True) -> argparse.ArgumentParser:
                     "results.md, privacy_utility.png, roc_<attack>[_log].png, scores.npz and one "
                     "TensorBoard run per row under OUT/tb.\n\nGNQ policy settings (--drop, "
                     "--clip) are comma-separated key=value pairs: q=Q (threshold = the "
-                    "Q-quantile of recent GNQ; window=W steps, default 50), tau=T (absolute "
-                    "GNQ threshold), budget=B (nats) or budget=pP (the P-th percentile of the "
-                    "undefended run's final per-example bounds). Example: --drop q=0.9 "
+                    "Q-quantile of this step's GNQ; window=W pools the last W steps, "
+                    "default 1), tau=T (absolute GNQ threshold), budget=B (nats) or "
+                    "budget=pP (the P-th percentile of the undefended run's final per-example "
+                    "bounds). Example: --drop q=0.9 "
                     "budget=p90 --clip q=0.5")
     if compare_options:
         _add_compare_options(compare)
@@ -221,7 +223,7 @@ def build_parser(*, compare_options: bool = True) -> argparse.ArgumentParser:
 
 
 def _add_compare_options(compare: argparse.ArgumentParser) -> None:
-    from gradguard.experiments.compare import ATTACKS, ComparisonConfig
+    from gradguard.experiments.compare import ATTACKS, PRESETS, ComparisonConfig
     from gradguard.experiments.data import CANARY_KINDS, DATASET_NAMES
     from gradguard.experiments.models import MODEL_NAMES
 
@@ -252,12 +254,23 @@ def _add_compare_options(compare: argparse.ArgumentParser) -> None:
                           help="SGD learning rate")
     training.add_argument("--momentum", type=_momentum, default=defaults.momentum,
                           help="SGD momentum")
-    training.add_argument("--seeds", type=_nonnegative_int, nargs="+", default=[defaults.seed],
+    training.add_argument("--seeds", type=_nonnegative_int, nargs="+", default=[0, 1, 2],
                           metavar="SEED",
                           help="seed of the split, canaries, weights, data order, DP noise and "
                                "attacks; several seeds repeat the whole comparison once each "
-                               "(OUT/seed_<s>/) and summarise mean ± sd in "
-                               "OUT/results_over_seeds.md")
+                               "(OUT/seed_<s>/) and summarise mean ± 95%% interval in "
+                               "OUT/results_over_seeds.md; one seed (--seeds 0) for smoke runs")
+    training.add_argument("--preset", default="standard", choices=tuple(PRESETS),
+                          help="named settings: standard; clean (no mislabelled examples, the "
+                               "label-noise control); memorisation (360 members, 8%% "
+                               "mislabelled, 512-wide MLP, 100 epochs) and memorisation-clean; "
+                               "options set to non-default values override the preset")
+    training.add_argument("--audit-canaries", type=_nonnegative_int,
+                          default=defaults.audit_canaries,
+                          help="one-run audit canaries (fair coins; 0: no one-run ε bound)")
+    training.add_argument("--no-dp-search", action="store_true",
+                          help="DP-SGD rows use the shared recipe instead of their own "
+                               "validation-split search of lr, epochs and clipping norm")
     defences = compare.add_argument_group("defences (one row each)")
     defences.add_argument("--no-baseline", action="store_true",
                           help="leave out the undefended row (budget=pP settings need it)")
@@ -321,7 +334,7 @@ def _add_report(sub: Any) -> None:
 
 
 def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    from gradguard.experiments.compare import ComparisonConfig, demo_config
+    from gradguard.experiments.compare import PRESETS, ComparisonConfig, demo_config
 
     if args.command == "demo":
         return demo_config(out_dir=args.out, seed=args.seed, device=args.device)
@@ -344,7 +357,12 @@ def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         attacks=tuple(args.attacks) if args.attacks else None,
         curvature_estimator=args.curvature_estimator, curvature_vectors=args.curvature_vectors,
         probes=args.probes, probe_examples=args.probe_examples, device=args.device,
-        out_dir=args.out)
+        out_dir=args.out, audit_canaries=args.audit_canaries, dp_search=not args.no_dp_search)
+    # The preset replaces settings left at their defaults; explicit options win.
+    defaults = ComparisonConfig()
+    preset = {key: value for key, value in PRESETS[args.preset].items()
+              if getattr(config, key) == getattr(defaults, key)}
+    config = dataclasses.replace(config, **preset)
     try:
         config.validate()
     except (ValueError, TypeError) as err:
@@ -375,7 +393,8 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         print(f"Per-run report: gradguard report {out}")
         print(f"Look at it:     tensorboard --logdir {out / 'tb'}")
     else:
-        print(f"{len(rows)} rows × {len(seeds)} seeds in {seconds:.0f} s (mean ± sd). Summary: "
+        print(f"{len(rows)} rows × {len(seeds)} seeds in {seconds:.0f} s (mean ± 95% interval). "
+              f"Summary: "
               f"{out / 'results_over_seeds.md'} (.csv, .json), privacy_utility.png; each "
               f"seed's full results in {out}/seed_<s>/")
         print(f"Per-run report: gradguard report {out}")

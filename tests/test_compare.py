@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import t as scipy_t
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
@@ -39,9 +40,12 @@ from gradguard.experiments.models import make_model
 from gradguard.policies import Quantile
 
 # rdp: Opacus calibrates the noise for a target ε several times faster than with prv.
+# The one-run audit canaries and the DP-SGD search have their own test below; here they are
+# off so the rows can be checked against a plain training loop and Opacus' calibration.
 TINY = dict(accountant="rdp", max_examples=300, epochs=2, batch_size=32, canaries=6, n_shadows=4,
             epsilons=(8.0,), drop=("q=0.9", "budget=p50"), clip=("q=0.5",), probes=1,
-            probe_examples=16, curvature_vectors=2)
+            probe_examples=16, curvature_vectors=2, audit_canaries=0, dp_search=False,
+            bootstrap=50, chance_permutations=20)
 
 
 def _strict_json(path: Path):
@@ -359,10 +363,13 @@ def test_aggregate_rows_is_mean_and_sample_sd_per_row():
         acc = [seed[i]["test_accuracy"] for seed in per_seed]
         assert row["test_accuracy"] == pytest.approx(np.mean(acc), abs=1e-15)
         assert row["test_accuracy_sd"] == pytest.approx(np.std(acc, ddof=1), abs=1e-15)
+        low, high = scipy_t.interval(0.95, len(acc) - 1, loc=np.mean(acc),
+                                     scale=np.std(acc, ddof=1) / np.sqrt(len(acc)))
+        assert row["test_accuracy_ci95"] == pytest.approx((high - low) / 2, rel=1e-12)
         assert row["steps"] == pytest.approx(np.mean([seed[i]["steps"] for seed in per_seed]))
         assert row["eps_spent"] is None and "top_indices" not in row and row["n_seeds"] == 3
     line = markdown_table(rows).splitlines()[2]
-    assert f"{rows[0]['test_accuracy']:.3f} ± {rows[0]['test_accuracy_sd']:.3f}" in line
+    assert f"{rows[0]['test_accuracy']:.3f} ± {rows[0]['test_accuracy_ci95']:.3f}" in line
     with pytest.raises(ValueError, match="different rows"):
         aggregate_rows([per_seed[0], per_seed[1][:1]])
 

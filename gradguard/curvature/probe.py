@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from gradguard.audit.metrics import roc_auc
+from gradguard.audit.metrics import roc_auc, roc_auc_standard_error
 from gradguard.curvature.estimators import ESTIMATORS, LossFn, input_curvature
 
 __all__ = ["DIRECTIONS", "CurvatureProbe", "ProbeResult", "step_seed"]
@@ -73,6 +73,9 @@ class ProbeResult:
             picked after seeing the data, so ``auc < 0.5`` means the *other* direction
             separates. NaN if some score was not finite.
         seconds: wall time of the probe (data transfer, scoring and the AUC).
+        auc_se: DeLong standard error of ``auc`` over the sampled examples
+            (:func:`~gradguard.audit.metrics.roc_auc_standard_error`); ``auc ± 1.96·auc_se``
+            is an approximate 95% interval. NaN where ``auc`` is.
     """
 
     step: int
@@ -86,6 +89,7 @@ class ProbeResult:
     nonmembers_mean: float
     auc: float
     seconds: float
+    auc_se: float = math.nan
 
     @property
     def sign(self) -> int:
@@ -138,6 +142,7 @@ class ProbeResult:
             "members_mean": self.members_mean,
             "nonmembers_mean": self.nonmembers_mean,
             "auc": self.auc,
+            "auc_se": self.auc_se,
             "seconds": self.seconds,
             "n_members": len(self.member_scores),
             "n_nonmembers": len(self.nonmember_scores),
@@ -170,10 +175,11 @@ class CurvatureProbe:
         nonmembers: held-out examples from the same distribution, same format.
         every: probe when ``step % every == 0``, step 0 included (a pre-training baseline,
             where the AUC should be near 0.5).
-        n_examples: sample size per side. With the defaults (every 1000 steps, 128 + 128
-            examples, ``"zo"`` with 10 vectors: 40 forward passes per example) probes
-            took 3-7% of plain training time (an MLP and a CNN at batch size 128, 2 CPU
-            cores, benchmarks/run.py); every 500 steps would double that.
+        n_examples: sample size per side; None scores every example of both datasets
+            (each probe then costs in proportion). With the defaults (every 1000 steps,
+            128 + 128 examples, ``"zo"`` with 10 vectors: 40 forward passes per example)
+            probes took 3-7% of plain training time (an MLP and a CNN at batch size 128,
+            2 CPU cores, benchmarks/run.py); every 500 steps would double that.
         estimator: ``"zo"`` (default), ``"hutchinson"`` or ``"fd"``.
         n_vectors: random vectors per example.
         h: perturbation size for ``"zo"`` and ``"fd"``.
@@ -201,7 +207,7 @@ class CurvatureProbe:
         nonmembers: Dataset,
         *,
         every: int = 1000,
-        n_examples: int = 128,
+        n_examples: int | None = 128,
         estimator: str = "zo",
         n_vectors: int = 10,
         h: float = 1e-3,
@@ -211,7 +217,7 @@ class CurvatureProbe:
         direction: str = "lower",
     ) -> None:
         self.every = _positive_int(every, "every")
-        self.n_examples = _positive_int(n_examples, "n_examples")
+        self.n_examples = None if n_examples is None else _positive_int(n_examples, "n_examples")
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}: choose one of "
                              f"{', '.join(repr(e) for e in ESTIMATORS)}")
@@ -321,8 +327,10 @@ class CurvatureProbe:
         n_members = len(self.member_indices)
         member_scores, nonmember_scores = scores[:n_members], scores[n_members:]
         sign = -1 if self.direction == "lower" else 1
+        auc_se = float("nan")
         if torch.isfinite(scores).all():
             auc = roc_auc(sign * member_scores, sign * nonmember_scores)
+            auc_se = roc_auc_standard_error(sign * member_scores, sign * nonmember_scores)
         else:
             warnings.warn(
                 f"curvature probe at step {step}: {int((~torch.isfinite(scores)).sum())} "
@@ -343,6 +351,7 @@ class CurvatureProbe:
             nonmembers_mean=float(nonmember_scores.mean()),
             auc=auc,
             seconds=time.perf_counter() - start,
+            auc_se=auc_se,
         )
         self.history.append(result.to_dict())
         self.last_result = result
@@ -367,6 +376,8 @@ class CurvatureProbe:
             "nonmember_indices": self.nonmember_indices.clone(),
             "history_step": torch.tensor([r["step"] for r in self.history], dtype=torch.long),
             **{f"history_{name}": column(name) for name in _HISTORY_FLOATS},
+            "history_auc_se": torch.tensor([r.get("auc_se", math.nan) for r in self.history],
+                                           dtype=torch.float64),
             # Settings that define what the series measures, checked on load.
             "estimator_code": ESTIMATORS.index(self.estimator),
             "direction_sign": -1 if self.direction == "lower" else 1,
@@ -383,7 +394,8 @@ class CurvatureProbe:
                 settings (estimator, direction, n_vectors, h, seed), or its indices do not
                 fit this probe's datasets.
         """
-        missing = [k for k in self.state_dict() if k not in state]
+        # auc_se is newer than the state format: older states load with it as NaN.
+        missing = [k for k in self.state_dict() if k not in state and k != "history_auc_se"]
         if missing:
             raise ValueError(f"not a CurvatureProbe state: missing {', '.join(missing)}")
         saved = {
@@ -416,12 +428,14 @@ class CurvatureProbe:
         self._load_examples()
         steps = state["history_step"].tolist()
         columns = {name: state[f"history_{name}"].tolist() for name in _HISTORY_FLOATS}
+        auc_se = state.get("history_auc_se", torch.full((len(steps),), math.nan)).tolist()
         self.history = [
             {
                 "step": int(s),
                 "estimator": self.estimator,
                 "direction": self.direction,
                 **{name: float(columns[name][i]) for name in _HISTORY_FLOATS},
+                "auc_se": float(auc_se[i]),
                 "n_members": len(self.member_indices),
                 "n_nonmembers": len(self.nonmember_indices),
             }
@@ -460,9 +474,10 @@ def _length(dataset: Any, name: str) -> int:
     return size
 
 
-def _sample_indices(size: int, n: int, generator: torch.Generator) -> Tensor:
+def _sample_indices(size: int, n: int | None, generator: torch.Generator) -> Tensor:
     # Sorted so that results line up with dataset order, which is easier to read.
-    return torch.randperm(size, generator=generator)[: min(n, size)].sort().values
+    return torch.randperm(size, generator=generator)[: size if n is None else min(n, size)
+                                                     ].sort().values
 
 
 def _gather(dataset: Any, indices: Tensor, name: str) -> tuple[Tensor | dict, Tensor | None]:

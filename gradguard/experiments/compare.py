@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -61,6 +62,9 @@ __all__ = [
     "Progress",
     "aggregate_rows",
     "demo_config",
+    "paired_differences",
+    "preset_config",
+    "tune_dp_sgd",
     "markdown_table",
     "parse_policy_spec",
     "row_specs",
@@ -79,6 +83,15 @@ _METRIC_KEYS = ("auc", "balanced_accuracy", "tpr_at_1pct_fpr", "tpr_at_01pct_fpr
                 "eps_lower_bound")
 # LiRA's per-example Gaussian fits need at least two "in" and two "out" shadow models.
 _MIN_SHADOWS = 4
+AUDIT_CANARIES = 500
+"""Default one-run audit canaries. With k = m/10 guesses each way (50 "in", 50 "out"), a
+perfect attack certifies at most ε ≈ 3.5 at 95% confidence (δ = 1e-5): m = 500 keeps that
+ceiling well above the ε = 1 DP-SGD target and the ~250 included canaries add about a
+third to the 719 digits members (training time grows by as much)."""
+_DP_SEARCH_GRID = {"lr": (0.5, 2.0), "max_grad_norm": (0.5, 2.0), "epochs": (0.5, 1.0)}
+"""Multipliers of the shared recipe's lr, C and epochs tried by the DP-SGD search (8 runs)."""
+_DP_VALIDATION_FRACTION = 0.2
+_MIN_EXPOSED = 5
 _CURVATURE_DIRECTION = "lower"
 # Warnings Opacus raises on every run that say nothing about this experiment.
 _NOISY_WARNINGS = (
@@ -129,6 +142,14 @@ class ComparisonConfig:
             four-point differences of ``zo`` lose most digits in float32).
         probes: curvature probes during each guarded run (0: none).
         probe_examples: members and non-members per probe.
+        audit_canaries: one-run audit canaries (Steinke et al. 2023), uniform-noise inputs
+            with random labels, each added to every row's training set by its own fair coin
+            (seeded by the seed); 0 for none. See :data:`AUDIT_CANARIES`.
+        dp_search: tune each DP-SGD row's learning rate, epochs and clipping norm on a
+            validation split carved from the members (never on test or attack data).
+        hidden: hidden widths of the ``mlp`` (None: the builder's default).
+        bootstrap: resamples of the paired bootstrap of ranking AUC differences.
+        chance_permutations: label permutations for the chance level of "best of k attacks".
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``"auto"``.
         out_dir: output directory.
     """
@@ -159,6 +180,11 @@ class ComparisonConfig:
     curvature_float64: bool = True
     probes: int = 10
     probe_examples: int = 128
+    audit_canaries: int = AUDIT_CANARIES
+    dp_search: bool = True
+    hidden: tuple[int, ...] | None = None
+    bootstrap: int = 1000
+    chance_permutations: int = 200
     device: str = "cpu"
     out_dir: str = "runs/compare"
 
@@ -168,6 +194,8 @@ class ComparisonConfig:
         self.clip = tuple(self.clip)
         if self.attacks is not None:
             self.attacks = tuple(self.attacks)
+        if self.hidden is not None:
+            self.hidden = tuple(self.hidden)
 
     def validate(self) -> None:
         """Check every setting; raise a ValueError that names the fix.
@@ -191,7 +219,8 @@ class ComparisonConfig:
             raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
         for name in ("epochs", "batch_size", "curvature_vectors", "probe_examples"):
             _require_int(getattr(self, name), name, minimum=1)
-        for name in ("canaries", "probes", "n_shadows", "seed"):
+        for name in ("canaries", "probes", "n_shadows", "seed", "audit_canaries", "bootstrap",
+                     "chance_permutations"):
             _require_int(getattr(self, name), name, minimum=0)
         if self.max_examples is not None:
             _require_int(self.max_examples, "max_examples", minimum=2)
@@ -259,7 +288,10 @@ def demo_config(out_dir: str = "runs/demo", **overrides: Any) -> ComparisonConfi
     Rows: no defence, DP-SGD at ε = 8 (δ = 1e-5), GNQ drop at ``Quantile(0.9)`` (each
     step drops examples above the 90th percentile of the last 50 steps' GNQ) and GNQ drop
     with a cumulative budget at the 90th percentile of the undefended run's final bounds;
-    8 LiRA shadow models (the full comparison uses 16).
+    8 LiRA shadow models (the full comparison uses 16); 200 one-run audit canaries (20
+    guesses each way: a perfect attack certifies at most ε ≈ 2.5); the DP-SGD row uses the
+    shared recipe without its own search (``gradguard compare`` runs the search). One seed:
+    the demo shows the outputs, ``gradguard compare`` gives the intervals.
     The settings were fixed before looking at any results, from what they mean (censor the
     most unique tenth), not tuned on the attack numbers.
 
@@ -271,9 +303,48 @@ def demo_config(out_dir: str = "runs/demo", **overrides: Any) -> ComparisonConfi
         The configuration.
     """
     settings: dict[str, Any] = dict(epsilons=(8.0,), drop=("q=0.9", "budget=p90"), clip=(),
-                                    n_shadows=8, probes=5, out_dir=out_dir)
+                                    n_shadows=8, probes=5, audit_canaries=200,
+                                    dp_search=False, out_dir=out_dir)
     settings.update(overrides)
     return ComparisonConfig(**settings)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "standard": {},
+    "clean": {"canaries": 0},
+    "memorisation": {"max_examples": 900, "canaries": 58, "canary_kind": "mislabel",
+                     "hidden": (512,), "epochs": 100},
+    "memorisation-clean": {"max_examples": 900, "canaries": 0, "hidden": (512,), "epochs": 100},
+}
+"""Named settings of :class:`ComparisonConfig` (``gradguard compare --preset NAME``).
+
+- ``standard``: the defaults (digits, 719 members, 10 mislabelled member canaries).
+- ``clean``: the same without any mislabelled example: the control that tells label-noise
+  filtering from privacy (a defence that "gains" accuracy only with mislabelled examples
+  present is filtering noise). The one-run audit canaries (uniform noise) stay.
+- ``memorisation``: a regime where models memorise: 900 digits (360 members), 29
+  mislabelled members (8%), a 512-wide MLP, 100 epochs.
+- ``memorisation-clean``: the same without mislabelled examples (its control).
+"""
+
+
+def preset_config(name: str, **overrides: Any) -> ComparisonConfig:
+    """A :class:`ComparisonConfig` from a named preset (:data:`PRESETS`) and overrides.
+
+    Args:
+        name: a key of :data:`PRESETS`.
+        **overrides: any other :class:`ComparisonConfig` field.
+
+    Returns:
+        The configuration.
+
+    Example:
+        >>> preset_config("memorisation").epochs
+        100
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return ComparisonConfig(**{**PRESETS[name], **overrides})
 
 
 # --------------------------------------------------------------------------- rows
@@ -293,6 +364,9 @@ class RowSpec:
         budget_percentile: the budget is this percentile of the undefended run's final
             bounds (resolved when the baseline has run).
         setting: the spec as given (``"q=0.9,budget=20"``).
+        lr: this row's learning rate when it differs from the shared recipe (the DP-SGD
+            search sets it); None uses ``config.lr``. Likewise ``epochs`` and
+            ``max_grad_norm``.
     """
 
     defence: str
@@ -303,6 +377,9 @@ class RowSpec:
     budget: float | None = None
     budget_percentile: float | None = None
     setting: str = ""
+    lr: float | None = None
+    epochs: int | None = None
+    max_grad_norm: float | None = None
 
     @property
     def policy(self) -> str:
@@ -513,6 +590,7 @@ class _RowOutput:
     metrics: dict[str, Any]
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     bounds: np.ndarray | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -619,7 +697,6 @@ def train_shadows(split, config: ComparisonConfig, *, device: torch.device | Non
         The shadows' confidences and masks, or None without shadows.
     """
     from gradguard.audit.attacks import logit_confidence, shadow_masks
-    from gradguard.experiments.models import make_model
 
     if config.n_shadows == 0:
         return None
@@ -633,8 +710,7 @@ def train_shadows(split, config: ComparisonConfig, *, device: torch.device | Non
         if progress is not None:
             progress.stage(f"LiRA shadow model {s + 1}/{config.n_shadows}")
         shadow_seed = config.seed + 1000 + s
-        model = make_model(config.model, split.input_shape, split.num_classes,
-                           seed=shadow_seed).to(device)
+        model = _make_model(config, split, seed=shadow_seed).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
         members = masks[s]
         data = TensorDataset(x[members], y[members])
@@ -669,7 +745,6 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
 
     from gradguard.curvature.probe import CurvatureProbe
     from gradguard.engine import GradGuard
-    from gradguard.experiments.models import make_model
 
     if spec.budget_percentile is not None and spec.budget is None:
         raise ValueError(f"row {spec.name!r}: resolve budget=p{spec.budget_percentile:g} to "
@@ -683,17 +758,21 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
     if progress is not None:
         progress.stage(f"training {spec.name}")
 
-    model = make_model(config.model, split.input_shape, split.num_classes,
-                       seed=config.seed).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    loader = _loader(split.train, config.batch_size, config.seed)
-    steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
+    lr = spec.lr or config.lr
+    epochs = spec.epochs or config.epochs
+    max_grad_norm = spec.max_grad_norm or config.max_grad_norm
+    model = _make_model(config, split)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum)
+    canaries = audit_canaries(split, config)
+    train_set = split.train if canaries is None else canaries.training_set(split.train)
+    loader = _loader(train_set, config.batch_size, config.seed)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     privacy_engine = None
     row: dict[str, Any] = {"name": spec.name, "defence": spec.defence, "setting": spec.setting,
                            "eps_target": spec.epsilon, "eps_spent": None, "delta": None,
                            "noise_multiplier": None, "max_grad_norm": None,
                            "threshold": None if spec.threshold is None else str(spec.threshold),
-                           "budget_nats": spec.budget}
+                           "budget_nats": spec.budget, "lr": lr, "epochs": epochs}
     with warnings.catch_warnings():
         for message in _NOISY_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
@@ -704,14 +783,14 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
             noise = torch.Generator(device=device).manual_seed(config.seed + 1)
             model, optimizer, loader = privacy_engine.make_private_with_epsilon(
                 module=model, optimizer=optimizer, data_loader=loader,
-                target_epsilon=spec.epsilon, target_delta=config.delta, epochs=config.epochs,
-                max_grad_norm=config.max_grad_norm, grad_sample_mode="hooks",
+                target_epsilon=spec.epsilon, target_delta=config.delta, epochs=epochs,
+                max_grad_norm=max_grad_norm, grad_sample_mode="hooks",
                 noise_generator=noise)
             row.update(delta=config.delta, noise_multiplier=float(optimizer.noise_multiplier),
-                       max_grad_norm=config.max_grad_norm)
+                       max_grad_norm=max_grad_norm)
         probe = None
         if config.probes > 0:
-            total_steps = steps_per_epoch * config.epochs
+            total_steps = steps_per_epoch * epochs
             probe = CurvatureProbe(split.train, split.holdout,
                                    every=max(1, total_steps // config.probes),
                                    n_examples=config.probe_examples,
@@ -720,7 +799,7 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
                                    direction=_CURVATURE_DIRECTION)
         guard = GradGuard(policy=spec.policy, lam=config.lam, threshold=spec.threshold,
                           budget=spec.budget, log_dir=str(run_dir), curvature=probe,
-                          num_examples=len(split.train),
+                          num_examples=len(train_set),
                           log_every=max(1, min(10, steps_per_epoch)))
         model, optimizer, loader = guard.make_guarded(module=model, optimizer=optimizer,
                                                       data_loader=loader)
@@ -729,15 +808,18 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
         writer = SummaryWriter(log_dir=str(run_dir), filename_suffix=".compare")
         plain = _unwrap(model)
         eval_limit = 2000  # per-epoch curve on a fixed slice; the final number uses all
+        epoch_losses: list[torch.Tensor] = []
 
         def on_epoch(epoch: int, train_loss: float) -> None:
             writer.add_scalar("compare/train_loss", train_loss, guard.step)
             writer.add_scalar("compare/test_accuracy",
                               _accuracy(plain, split.test, device, limit=eval_limit), guard.step)
+            # The free baseline ranking: each member's loss at the end of every epoch.
+            epoch_losses.append(_member_losses(plain, split, device))
 
         train_start = time.perf_counter()
         try:
-            _fit(model, loader, optimizer, epochs=config.epochs, device=device,
+            _fit(model, loader, optimizer, epochs=epochs, device=device,
                  on_epoch=on_epoch, progress=progress)
         except BaseException:
             writer.close()
@@ -750,13 +832,16 @@ def _run_row(spec: RowSpec, split, config: ComparisonConfig, *, shadows: ShadowS
     try:
         scores, bounds = _evaluate_row(row, plain, guard, split, config, attacks, shadows,
                                        device, progress)
+        extra = _add_audit_metrics(row, plain, canaries, config, writer, guard.step)
+        _add_ranking_metrics(row, plain, guard, split, scores, torch.stack(epoch_losses), config,
+                             device)
         row.update(train_seconds=train_seconds, guard_seconds=guard.guard_seconds,
                    probe_seconds=guard.probe_seconds,
                    wall_seconds=time.perf_counter() - wall_start, run_dir=str(run_dir))
         _log_row(writer, row, attacks, guard.step)
     finally:
         writer.close()
-    return _RowOutput(metrics=row, scores=scores, bounds=bounds)
+    return _RowOutput(metrics=row, scores=scores, bounds=bounds, extra=extra)
 
 
 def _evaluate_row(row: dict[str, Any], plain: nn.Module, guard, split, config: ComparisonConfig,
@@ -776,7 +861,9 @@ def _evaluate_row(row: dict[str, Any], plain: nn.Module, guard, split, config: C
         progress.advance(detail="attacks done")
 
     _add_attack_metrics(row, scores, split, config)
+    _add_chance_and_intervals(row, scores, config)
     _add_canary_metrics(row, plain, split, scores, device)
+    _add_subgroup_curvature(row, scores, split)
     bounds = _add_guard_metrics(row, guard, split)
     row["attack_seconds"] = attack_seconds
     return scores, bounds
@@ -891,11 +978,39 @@ def _add_canary_metrics(row: dict[str, Any], model: nn.Module, split,
                                           device)
 
 
+def _add_subgroup_curvature(row: dict[str, Any],
+                            scores: Mapping[str, tuple[np.ndarray, np.ndarray]], split) -> None:
+    """Curvature attack AUC ± DeLong SE on typical examples and on mislabelled canaries.
+
+    The direction stays the one fixed in advance (low curvature = member); on mislabelled
+    examples it may invert, which this shows rather than hides.
+    """
+    from gradguard.audit.metrics import roc_auc, roc_auc_standard_error
+
+    keys = ("curvature_auc_typical", "curvature_auc_typical_se", "curvature_auc_mislabelled",
+            "curvature_auc_mislabelled_se")
+    row.update(dict.fromkeys(keys))
+    if "curvature" not in scores:
+        return
+    members, nonmembers = scores["curvature"]
+    member_mask = split.train_canary_mask.numpy()
+    holdout_mask = split.holdout_canary_mask.numpy()
+    groups = {"typical": (~member_mask, ~holdout_mask)}
+    if split.canary_kind == "mislabel":
+        groups["mislabelled"] = (member_mask, holdout_mask)
+    for name, (in_mask, out_mask) in groups.items():
+        if in_mask.any() and out_mask.any():
+            row[f"curvature_auc_{name}"] = roc_auc(members[in_mask], nonmembers[out_mask])
+            row[f"curvature_auc_{name}_se"] = roc_auc_standard_error(members[in_mask],
+                                                                     nonmembers[out_mask])
+
+
 def _add_guard_metrics(row: dict[str, Any], guard, split) -> np.ndarray:
     ledger = guard.ledger
     summary = guard.summary()
-    bounds = ledger.cum_bound.detach().to("cpu", torch.float64).numpy()
-    seen = ledger.steps_seen.detach().cpu().numpy() > 0
+    n = len(split.train)  # ledger rows past n are one-run audit canaries
+    bounds = ledger.cum_bound[:n].detach().to("cpu", torch.float64).numpy()
+    seen = ledger.steps_seen[:n].detach().cpu().numpy() > 0
     top = ledger.top(10, by="cum_bound")
     mask = split.train_canary_mask.numpy()
     k = int(mask.sum())
@@ -904,9 +1019,10 @@ def _add_guard_metrics(row: dict[str, Any], guard, split) -> np.ndarray:
         # Of the k most-disclosing examples, how many are the k member canaries.
         order = np.argsort(-np.where(seen, bounds, -np.inf), kind="stable")[:k]
         canaries_in_top = int(mask[order].sum())
-    probe_auc = None
+    probe_auc = probe_auc_se = None
     if guard.curvature is not None and guard.curvature.history:
         probe_auc = guard.curvature.history[-1]["auc"]
+        probe_auc_se = guard.curvature.history[-1].get("auc_se")
     row.update(
         gnq_max=summary["max_gnq"], gnq_max_bound=summary["max_bound"],
         gnq_mean_bound=summary["mean_bound"],
@@ -916,9 +1032,303 @@ def _add_guard_metrics(row: dict[str, Any], guard, split) -> np.ndarray:
         censored_total=summary["censored_total"], steps=summary["step"],
         top_indices=[int(r["index"]) for r in top],
         top_bounds=[float(r["cum_bound"]) for r in top],
-        probe_auc_last=probe_auc,
+        probe_auc_last=probe_auc, probe_auc_last_se=probe_auc_se,
     )
     return bounds[seen]
+
+
+def _make_model(config: ComparisonConfig, split, *, seed: int | None = None) -> nn.Module:
+    from gradguard.experiments.models import make_model
+
+    kwargs = {"hidden": config.hidden} if config.hidden is not None else {}
+    return make_model(config.model, split.input_shape, split.num_classes,
+                      seed=config.seed if seed is None else seed, **kwargs)
+
+
+def audit_canaries(split, config: ComparisonConfig):
+    """The comparison's one-run audit canaries for ``config.seed`` (None without any).
+
+    ``config.audit_canaries`` uniform-noise inputs over the data's value range with random
+    labels (:meth:`~gradguard.audit.canaries.Canaries.out_of_distribution`): far from the
+    real data, so they leave the member/holdout attacks and test accuracy nearly as they
+    were. Every row of one seed gets the same canaries and coins; k_plus = k_minus = m/10.
+
+    Args:
+        split: the :class:`~gradguard.experiments.data.MembershipSplit`.
+        config: the settings.
+
+    Returns:
+        A :class:`~gradguard.audit.canaries.Canaries`, or None.
+    """
+    from gradguard.audit.canaries import Canaries
+
+    if config.audit_canaries == 0:
+        return None
+    x = split.train.tensors[0]
+    return Canaries.out_of_distribution(
+        m=config.audit_canaries, input_shape=split.input_shape, num_classes=split.num_classes,
+        low=float(x.min()), high=float(x.max()) if float(x.max()) > float(x.min()) else 1.0,
+        seed=config.seed + 3)
+
+
+def _member_losses(model: nn.Module, split, device: torch.device) -> torch.Tensor:
+    from gradguard.audit.attacks import per_example_loss
+
+    x, y = split.train.tensors
+    return per_example_loss(model, x.to(device), y.to(device)).detach().to("cpu", torch.float64)
+
+
+def _add_audit_metrics(row: dict[str, Any], model: nn.Module, canaries,
+                       config: ComparisonConfig, writer, step: int) -> dict[str, np.ndarray]:
+    """One-run ε lower bound from the audit canaries (black-box loss scores)."""
+    keys = ("one_run_eps_lb", "one_run_guesses", "one_run_correct", "audit_canaries",
+            "audit_canaries_included")
+    if canaries is None:
+        row.update(dict.fromkeys(keys))
+        return {}
+    result = canaries.audit(model, delta=config.delta, writer=writer, step=step)
+    row.update(one_run_eps_lb=result["eps_lower_bound"], one_run_guesses=result["guesses"],
+               one_run_correct=result["correct"], audit_canaries=canaries.m,
+               audit_canaries_included=int(canaries.included.sum()))
+    return {"canaries__scores": canaries.scores(model).numpy(),
+            "canaries__included": canaries.included.numpy()}
+
+
+def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided binomial interval for a rate (Clopper–Pearson).
+
+    Args:
+        successes: k.
+        trials: n >= 1.
+        confidence: coverage.
+
+    Returns:
+        ``(low, high)``.
+
+    Example:
+        >>> low, high = clopper_pearson(0, 100)
+        >>> low, round(high, 4)
+        (0.0, 0.0362)
+    """
+    from scipy.stats import beta
+
+    alpha = (1 - confidence) / 2
+    low = float(beta.ppf(alpha, successes, trials - successes + 1)) if successes > 0 else 0.0
+    high = (float(beta.isf(alpha, successes + 1, trials - successes))
+            if successes < trials else 1.0)
+    return low, high
+
+
+def chance_best_tpr(scores: Mapping[str, tuple[np.ndarray, np.ndarray]], *, permutations: int,
+                    seed: int, target_fpr: float = 0.01) -> tuple[float, float]:
+    """Chance level of "best of k attacks" TPR at ``target_fpr``, by permutation.
+
+    Membership labels are permuted across the pooled members and non-members, the same
+    permutation for every attack (so the attacks keep their correlation), and the largest
+    TPR at the target FPR over the attacks is recorded. Under this null no attack knows
+    anything, so the draws show what "best of k" reaches by chance.
+
+    Args:
+        scores: per attack, (member scores, non-member scores).
+        permutations: number of permutations.
+        seed: seed of the permutations.
+        target_fpr: the FPR.
+
+    Returns:
+        ``(mean, 95th percentile)`` of the best TPR under the null.
+    """
+    from gradguard.audit.metrics import roc_curve, tpr_at_fpr
+
+    if not scores or permutations == 0:
+        return math.nan, math.nan
+    pooled = {a: np.concatenate(s) for a, s in scores.items()}
+    n_members = len(next(iter(scores.values()))[0])
+    rng = np.random.default_rng(seed)
+    best = np.empty(permutations)
+    for i in range(permutations):
+        order = rng.permutation(len(next(iter(pooled.values()))))
+        is_member = order < n_members
+        best[i] = max(tpr_at_fpr(*roc_curve(v[is_member], v[~is_member])[:2], target_fpr)
+                      for v in pooled.values())
+    return float(best.mean()), float(np.percentile(best, 95))
+
+
+def _add_chance_and_intervals(row: dict[str, Any],
+                              scores: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                              config: ComparisonConfig) -> None:
+    if not scores:
+        return
+    n_members = len(next(iter(scores.values()))[0])
+    hits = int(round(row["best_tpr_at_1pct_fpr"] * n_members))
+    low, high = clopper_pearson(hits, n_members)
+    mean, p95 = chance_best_tpr(scores, permutations=config.chance_permutations,
+                                seed=config.seed + 4)
+    row.update(best_tpr_at_1pct_fpr_hits=hits, best_tpr_at_1pct_fpr_n=n_members,
+               best_tpr_at_1pct_fpr_cp_low=low, best_tpr_at_1pct_fpr_cp_high=high,
+               chance_best_tpr_at_1pct_fpr=mean, chance_best_tpr_at_1pct_fpr_p95=p95)
+
+
+def _per_example_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """‖∇θ ℓ(x_i, y_i)‖ of every example at the final weights (torch.func, eval mode)."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    # About 2e8 gradient entries per chunk (0.8 GB in float32), whatever the model's size.
+    chunk = max(1, min(256, int(2e8 // max(1, sum(p.numel() for p in params.values())))))
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def loss(p, xi, yi):
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    was_training = model.training
+    model.eval()
+    try:
+        norms = []
+        for start in range(0, x.shape[0], chunk):
+            grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x[start:start + chunk],
+                                                            y[start:start + chunk])
+            squared = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
+            norms.append(squared.sqrt().detach().to("cpu", torch.float64))
+    finally:
+        model.train(was_training)
+    return torch.cat(norms)
+
+
+RANKERS = ("gnq", "mean_loss", "final_loss", "grad_norm")
+"""Per-member rankings of "will leak", higher = more exposed (direction fixed in advance):
+the ledger's cumulative GNQ bound, and three free baselines: the member's loss averaged
+over the end-of-epoch evaluations, its final loss, its final gradient norm."""
+
+
+def _add_ranking_metrics(row: dict[str, Any], model: nn.Module, guard, split,
+                         scores: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                         epoch_losses: torch.Tensor, config: ComparisonConfig,
+                         device: torch.device) -> None:
+    """Does the ledger rank the members an attack exposes better than free baselines?
+
+    Exposed = members the strongest available attack (LiRA online, else the loss attack)
+    scores above its 1%-FPR threshold on the non-members. Each ranker's AUC at telling
+    exposed from other members, and a paired bootstrap (members resampled) of
+    AUC(gnq) − AUC(baseline); left empty with fewer than 5 exposed (or unexposed) members.
+    """
+    from gradguard.audit.metrics import roc_auc
+
+    keys = [f"rank_auc_{r}" for r in RANKERS] + [
+        f"rank_gnq_minus_{b}{s}" for b in RANKERS[1:] for s in ("", "_low", "_high")]
+    row.update(dict.fromkeys(keys), rank_exposed=None, rank_attack=None)
+    attack = "lira_online" if "lira_online" in scores else "loss" if "loss" in scores else None
+    if attack is None:
+        return
+    members, nonmembers = scores[attack]
+    threshold = np.quantile(nonmembers, 0.99, method="higher")
+    exposed = members > threshold
+    row.update(rank_exposed=int(exposed.sum()), rank_attack=attack)
+    if min(exposed.sum(), (~exposed).sum()) < _MIN_EXPOSED:
+        return  # an AUC over a handful of positives (and its bootstrap) would mean nothing
+    n = len(split.train)
+    x, y = split.train.tensors
+    # A copy without the guard's and Opacus' hooks, which torch.func cannot trace through.
+    hookless = _make_model(config, split).to(device)
+    hookless.load_state_dict(model.state_dict())
+    rankers = {
+        "gnq": guard.ledger.cum_bound[:n].detach().to("cpu", torch.float64).numpy(),
+        "mean_loss": epoch_losses.mean(0).numpy(),
+        "final_loss": epoch_losses[-1].numpy(),
+        "grad_norm": _per_example_grad_norms(hookless, x.to(device), y.to(device)).numpy(),
+    }
+    for name, values in rankers.items():
+        row[f"rank_auc_{name}"] = roc_auc(values[exposed], values[~exposed])
+    rng = np.random.default_rng(config.seed + 5)
+    draws = {b: np.empty(config.bootstrap) for b in RANKERS[1:]}
+    size = len(exposed)
+    for i in range(config.bootstrap):
+        pick = rng.integers(0, size, size)
+        target = exposed[pick]
+        if target.all() or not target.any():
+            for b in draws:
+                draws[b][i] = np.nan
+            continue
+        gnq = rankers["gnq"][pick]
+        auc_gnq = roc_auc(gnq[target], gnq[~target])
+        for b in draws:
+            values = rankers[b][pick]
+            draws[b][i] = auc_gnq - roc_auc(values[target], values[~target])
+    for b, diffs in draws.items():
+        diffs = diffs[np.isfinite(diffs)]
+        row[f"rank_gnq_minus_{b}"] = row["rank_auc_gnq"] - row[f"rank_auc_{b}"]
+        if diffs.size:
+            row[f"rank_gnq_minus_{b}_low"] = float(np.percentile(diffs, 2.5))
+            row[f"rank_gnq_minus_{b}_high"] = float(np.percentile(diffs, 97.5))
+
+
+def tune_dp_sgd(split, config: ComparisonConfig, epsilon: float, *,
+                device: torch.device | None = None,
+                progress: Progress | None = None) -> dict[str, Any]:
+    """DP-SGD's own small hyperparameter search, on a validation split of the members.
+
+    A seeded fifth of the members is held out; every combination of
+    :data:`_DP_SEARCH_GRID` (multipliers of the shared lr, clipping norm C and epochs) is
+    trained with DP-SGD at ``epsilon`` on the other four fifths and scored by accuracy on
+    the held-out fifth. Test data and attack results are never looked at. The search's own
+    privacy cost is not accounted (as is usual; it would add to every DP-SGD row's ε). To
+    keep it cheap the candidates' noise multiplier is calibrated once per epoch count with
+    Opacus' RDP accountant, whose σ is slightly larger (more conservative) than PRV's.
+
+    Args:
+        split: the :class:`~gradguard.experiments.data.MembershipSplit`.
+        config: the settings (its lr, max_grad_norm and epochs are the grid's centre).
+        epsilon: the DP-SGD target ε.
+        device: where to train.
+        progress: optional progress line.
+
+    Returns:
+        ``{"lr", "max_grad_norm", "epochs", "val_accuracy", "candidates"}`` of the best
+        candidate (ties: the first in grid order).
+    """
+    import itertools
+
+    from opacus import PrivacyEngine
+    from opacus.accountants.utils import get_noise_multiplier
+
+    device = device or _resolve_device(config.device)
+    x, y = split.train.tensors
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed + 6))
+    n_val = max(1, round(_DP_VALIDATION_FRACTION * x.shape[0]))
+    val = TensorDataset(x[order[:n_val]], y[order[:n_val]])
+    fit = TensorDataset(x[order[n_val:]], y[order[n_val:]])
+    best: dict[str, Any] | None = None
+    grid = list(itertools.product(*_DP_SEARCH_GRID.values()))
+    sample_rate = 1 / len(_loader(fit, config.batch_size, config.seed))
+    noise: dict[int, float] = {}
+    for i, (lr_mult, clip_mult, epoch_mult) in enumerate(grid):
+        if progress is not None:
+            progress.stage(f"DP-SGD ε={epsilon:g} search {i + 1}/{len(grid)}")
+        candidate = {"lr": config.lr * lr_mult, "max_grad_norm": config.max_grad_norm * clip_mult,
+                     "epochs": max(1, round(config.epochs * epoch_mult))}
+        model = _make_model(config, split).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=candidate["lr"],
+                                    momentum=config.momentum)
+        with warnings.catch_warnings():
+            for message in _NOISY_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            if candidate["epochs"] not in noise:
+                noise[candidate["epochs"]] = get_noise_multiplier(
+                    target_epsilon=epsilon, target_delta=config.delta, sample_rate=sample_rate,
+                    epochs=candidate["epochs"], accountant="rdp")
+            model, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
+                module=model, optimizer=optimizer,
+                data_loader=_loader(fit, config.batch_size, config.seed),
+                noise_multiplier=noise[candidate["epochs"]],
+                max_grad_norm=candidate["max_grad_norm"], grad_sample_mode="hooks",
+                noise_generator=torch.Generator(device=device).manual_seed(config.seed + 7))
+            _fit(model, loader, optimizer, epochs=candidate["epochs"], device=device)
+        candidate["val_accuracy"] = _accuracy(_unwrap(model), val, device)
+        if best is None or candidate["val_accuracy"] > best["val_accuracy"]:
+            best = candidate
+    assert best is not None
+    best["candidates"] = len(grid)
+    return best
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -970,6 +1380,11 @@ def run_comparison(config: ComparisonConfig, *, progress: bool = True, overwrite
     baseline_bounds: np.ndarray | None = None
     try:
         for spec in specs:
+            search = None
+            if spec.defence == "dp-sgd" and config.dp_search:
+                search = tune_dp_sgd(split, config, spec.epsilon, device=device, progress=bar)
+                spec = dataclasses.replace(spec, lr=search["lr"], epochs=search["epochs"],
+                                           max_grad_norm=search["max_grad_norm"])
             if spec.budget_percentile is not None:
                 if baseline_bounds is None or baseline_bounds.size == 0:
                     raise RuntimeError("the baseline row did not record any bounds to set "
@@ -977,6 +1392,8 @@ def run_comparison(config: ComparisonConfig, *, progress: bool = True, overwrite
                 budget = float(np.percentile(baseline_bounds, spec.budget_percentile))
                 spec = dataclasses.replace(spec, budget=budget)
             output = _run_row(spec, split, config, shadows=shadows, progress=bar)
+            output.metrics["dp_search_val_accuracy"] = (
+                search["val_accuracy"] if search is not None else None)
             if spec.defence == "none":
                 baseline_bounds = output.bounds
             outputs.append(output)
@@ -1030,6 +1447,7 @@ def run_repeated(config: ComparisonConfig, seeds: Sequence[int], *, progress: bo
                               overwrite=overwrite, stream=stream)
     config.validate()
     out = Path(config.out_dir)
+    _load_split(dataclasses.replace(config, seed=seeds[0]))  # missing data: fail before writing
     _prepare_out_dir(out, overwrite=overwrite)
     start = time.perf_counter()
     per_seed: list[list[dict[str, Any]]] = []
@@ -1042,7 +1460,8 @@ def run_repeated(config: ComparisonConfig, seeds: Sequence[int], *, progress: bo
     rows = aggregate_rows(per_seed)
     for row in rows:
         row["seeds"] = seeds
-    _write_summary(out, config, seeds, rows, time.perf_counter() - start)
+    _write_summary(out, config, seeds, rows, paired_differences(per_seed),
+                   time.perf_counter() - start)
     return rows
 
 
@@ -1054,8 +1473,11 @@ def aggregate_rows(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict
 
     Returns:
         One dict per row: text columns from the first seed, numeric ones as the mean over
-        the seeds where they are finite, ``<key>_sd`` (ddof=1; None with one value) and
-        ``n_seeds``.
+        the seeds where they are finite, ``<key>_sd`` (ddof=1; None with one value),
+        ``<key>_ci95`` (half-width of the Student-t 95% interval of the mean,
+        t_{0.975, n−1}·sd/√n) and ``n_seeds``. Where the rows carry the best attack's
+        TPR@1%FPR hit counts, ``best_tpr_at_1pct_fpr_pooled_cp_low``/``_high`` is the
+        Clopper–Pearson interval of the hits pooled over the seeds.
 
     Raises:
         ValueError: the seeds' comparisons have different rows.
@@ -1077,6 +1499,13 @@ def aggregate_rows(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict
             finite = [float(v) for v in values if _finite(v)]
             row[key] = float(np.mean(finite)) if finite else None
             row[f"{key}_sd"] = float(np.std(finite, ddof=1)) if len(finite) > 1 else None
+            row[f"{key}_ci95"] = _t_half_width(finite)
+        hits = [g.get("best_tpr_at_1pct_fpr_hits") for g in group]
+        trials = [g.get("best_tpr_at_1pct_fpr_n") for g in group]
+        if all(_finite(h) for h in hits) and all(_finite(t) for t in trials):
+            low, high = clopper_pearson(int(sum(hits)), int(sum(trials)))
+            row["best_tpr_at_1pct_fpr_pooled_cp_low"] = low
+            row["best_tpr_at_1pct_fpr_pooled_cp_high"] = high
         row["name"] = first["name"]
         row["n_seeds"] = len(group)
         row.pop("run_dir", None)
@@ -1084,26 +1513,143 @@ def aggregate_rows(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict
     return out
 
 
+def _t_half_width(values: Sequence[float]) -> float | None:
+    from scipy.stats import t
+
+    if len(values) < 2:
+        return None
+    return float(t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+PAIRED_KEYS = ("test_accuracy", "best_tpr_at_1pct_fpr", "best_auc", "one_run_eps_lb")
+
+
+def paired_differences(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Each non-DP row minus the DP-SGD row closest to it in mean test accuracy, seed by seed.
+
+    The same seed shares the split, the canaries and the initial weights between the two
+    rows, so the per-seed differences are paired; their mean gets a Student-t 95% interval.
+
+    Args:
+        per_seed: the rows of each seed's comparison, in the same row order.
+
+    Returns:
+        One dict per non-DP row (empty without DP-SGD rows or with one seed): ``name``,
+        ``versus`` (the matched DP-SGD row), ``n_seeds`` and for each of
+        :data:`PAIRED_KEYS` the mean difference and ``<key>_ci95``.
+    """
+    if len(per_seed) < 2:
+        return []
+    first = per_seed[0]
+    mean_acc = [np.mean([rows[i]["test_accuracy"] for rows in per_seed])
+                for i in range(len(first))]
+    dp = [i for i, r in enumerate(first) if r.get("defence") == "dp-sgd"]
+    out = []
+    for i, row in enumerate(first):
+        if not dp or row.get("defence") == "dp-sgd":
+            continue
+        j = min(dp, key=lambda k: abs(mean_acc[k] - mean_acc[i]))
+        diff: dict[str, Any] = {"name": row["name"], "versus": first[j]["name"],
+                                "n_seeds": len(per_seed)}
+        for key in PAIRED_KEYS:
+            values = [rows[i].get(key) - rows[j].get(key) for rows in per_seed
+                      if _finite(rows[i].get(key)) and _finite(rows[j].get(key))]
+            diff[key] = float(np.mean(values)) if values else None
+            diff[f"{key}_ci95"] = _t_half_width(values)
+        out.append(diff)
+    return out
+
+
+def paired_table(diffs: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`paired_differences` as a markdown table (mean difference ± 95% interval)."""
+    header = ["row", "versus (matched accuracy)", "Δ test acc", "Δ best TPR@1%FPR",
+              "Δ best AUC", "Δ one-run ε_lb"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * 4]
+    for d in diffs:
+        cells = [d["name"], d["versus"]] + [_pm(d.get(k), d.get(f"{k}_ci95"), signed=True)
+                                            for k in PAIRED_KEYS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ranking_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Does the ledger rank exposed members better than free baselines? (markdown)
+
+    Per row: how many members the strongest attack exposes at 1% FPR, each ranker's AUC
+    (:data:`RANKERS`), and AUC(gnq) − AUC(baseline) with its paired bootstrap 95% interval
+    (single seed) or its mean ± Student-t interval over seeds.
+    """
+    header = ["row", "exposed", "GNQ AUC", "mean-loss AUC", "final-loss AUC", "grad-norm AUC",
+              "GNQ − mean loss", "GNQ − final loss", "GNQ − grad norm"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for r in rows:
+        name = r["name"]
+        if (r.get("n_seeds") or 1) > 1 and _finite(r.get("rank_auc_gnq")) and not _finite(
+                r.get("rank_auc_gnq_ci95")):
+            name += " (one seed only: the others exposed < 5 members)"
+        cells = [name, _fmt(r.get("rank_exposed"), 0)]
+        cells += [_pm(r.get(f"rank_auc_{k}"), r.get(f"rank_auc_{k}_ci95")) for k in RANKERS]
+        for b in RANKERS[1:]:
+            key = f"rank_gnq_minus_{b}"
+            text = _pm(r.get(key), r.get(f"{key}_ci95"), signed=True)
+            if _finite(r.get(f"{key}_low")) and not _finite(r.get(f"{key}_ci95")):
+                text += f" [{r[f'{key}_low']:+.3f}, {r[f'{key}_high']:+.3f}]"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curvature_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Curvature attack AUC per subgroup and the last probe's AUC, with uncertainty (markdown).
+
+    One seed: ± DeLong standard error. Over seeds: mean ± Student-t 95% interval.
+    """
+    header = ["row", "curv. AUC typical", "curv. AUC mislabelled canaries", "last probe AUC"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * 3]
+    for r in rows:
+        cells = [r["name"]]
+        for key in ("curvature_auc_typical", "curvature_auc_mislabelled", "probe_auc_last"):
+            spread = r.get(f"{key}_ci95") if _finite(r.get(f"{key}_ci95")) else r.get(
+                f"{key}_se")
+            cells.append(_pm(r.get(key), spread))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pm(value: Any, half_width: Any, *, signed: bool = False, digits: int = 3) -> str:
+    if not _finite(value):
+        return "–"
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    if _finite(half_width):
+        text += f" ± {half_width:.{digits}f}"
+    return text
+
+
 def _write_summary(out: Path, config: ComparisonConfig, seeds: Sequence[int],
-                   rows: list[dict[str, Any]], total_seconds: float) -> None:
+                   rows: list[dict[str, Any]], diffs: list[dict[str, Any]],
+                   total_seconds: float) -> None:
+    from gradguard._io import atomic_write_json, atomic_write_text
     from gradguard.experiments.plots import plot_privacy_utility
 
     device = _resolve_device(config.device)
     seed_list = ", ".join(map(str, seeds))
-    notes = [f"Mean ± sample standard deviation over {len(seeds)} seeds ({seed_list}"
-             "); each seed redraws the split, the canaries, the initial weights, the data order, "
-             "DP noise and the attacks' random vectors. Per-seed results: seed_<s>/."]
+    notes = [f"Mean ± half-width of the Student-t 95% interval of the mean over {len(seeds)} "
+             f"seeds ({seed_list}); each seed redraws the split, the canaries, the initial "
+             "weights, the data order, DP noise and the attacks' random vectors. Per-seed "
+             "results: seed_<s>/. best TPR@1%FPR: [pooled Clopper–Pearson 95% interval of the "
+             "hits over all seeds' members]."]
     first = _read_json(out / f"seed_{seeds[0]}" / "results.json")
     notes += first.get("notes", [])
     _write_csv(out / "results_over_seeds.csv", rows)
+    if diffs:
+        _write_csv(out / "paired_differences.csv", diffs)
     doc = {"config": {**config.to_dict(), "seed": None}, "seeds": list(seeds),
            "rows": [_json_row(r) for r in rows], "attacks": first.get("attacks", []),
+           "paired_differences": [_json_row(d) for d in diffs],
            "environment": _environment(device), "total_seconds": total_seconds,
            "notes": notes, "per_seed": [f"seed_{s}" for s in seeds]}
-    with open(out / "results_over_seeds.json", "w") as f:
-        json.dump(doc, f, indent=2, allow_nan=False)
-    with open(out / "results_over_seeds.md", "w") as f:
-        f.write(markdown_table(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    atomic_write_json(out / "results_over_seeds.json", doc)
+    atomic_write_text(out / "results_over_seeds.md", _document(rows, notes, diffs))
     plot_privacy_utility(
         [{"name": r["name"], "test_accuracy": r["test_accuracy"], "auc": r["best_auc"],
           "tpr_at_1pct_fpr": r["best_tpr_at_1pct_fpr"]} for r in rows],
@@ -1117,6 +1663,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 _OUTPUT_GLOBS = ("results.csv", "results.json", "results.md", "results_over_seeds.*",
+                 "paired_differences.csv",
                  "privacy_utility.png", "roc_*.png", "scores.npz", "report.md",
                  "report.html")
 _OUTPUT_DIRS = ("tb", "report_files", "seed_*")
@@ -1173,9 +1720,33 @@ def _notes(config: ComparisonConfig, split) -> list[str]:
         f"{config.epochs} epochs, batch {config.batch_size}, SGD lr {config.lr:g} momentum "
         f"{config.momentum:g}, on the same split ({n} members, {len(split.holdout)} holdout "
         f"non-members, {len(split.test)} test) of {split.name}.",
-        f"DP-SGD: Opacus make_private_with_epsilon, Poisson sampling, clipping norm "
-        f"C={config.max_grad_norm:g}, δ={config.delta:g} (1/n = {1 / n:.2g}); 'DP ε' is the "
-        f"{config.accountant} accountant's ε spent at that δ.",
+        f"DP-SGD: Opacus make_private_with_epsilon, Poisson sampling, δ={config.delta:g} "
+        f"(1/n = {1 / n:.2g}); 'DP ε' is the {config.accountant} accountant's ε spent at that "
+        "δ. " + (
+            "Each DP-SGD row's lr, epochs and clipping norm C were chosen by its own search "
+            "(lr and C ×0.5 / ×2, epochs ×0.5 / ×1 of the shared recipe) on a seeded fifth of "
+            "the members held out as validation, never on test or attack data; the search's "
+            "own privacy cost is not counted."
+            if config.dp_search else
+            f"Clipping norm C={config.max_grad_norm:g}, the shared recipe (no search)."),
+        "Chance best-of-k: the best TPR@1%FPR over the attacks when membership labels are "
+        f"permuted ({config.chance_permutations} permutations, the same for every attack): "
+        "mean [95th percentile]. A best TPR inside that range is indistinguishable from "
+        "chance. [CP 95%]: exact Clopper–Pearson interval of the best attack's TPR (chosen "
+        "after the fact, so optimistic; compare it with the chance level).",
+        (f"One-run ε_lb (Steinke, Nasr & Jagielski 2023): {config.audit_canaries} "
+         "uniform-noise canaries with random labels, each added to training by its own fair "
+         "coin; the loss of each canary under the trained model ranks them, the top and bottom "
+         f"{max(1, config.audit_canaries // 10)} are guessed in / out (fixed in advance); the "
+         f"bound holds at 95% confidence for (ε, δ={config.delta:g}) and certifies the training "
+         "*algorithm* from this one run. With a perfect attack it cannot exceed about "
+         f"{_one_run_ceiling(config):.2f}."
+         if config.audit_canaries else "One-run audit: off (audit_canaries=0)."),
+        "Ranking baselines (second table): members exposed = those LiRA online (else the loss "
+        "attack) scores above its 1%-FPR threshold on the holdout; rankers, higher = more "
+        "exposed, fixed in advance: the ledger's cumulative GNQ bound, the member's loss "
+        "averaged over end-of-epoch evaluations, its final loss, its final gradient norm; "
+        f"paired bootstrap over members ({config.bootstrap} resamples).",
         "Attacks score members (training set) against non-members (holdout); higher = member. "
         "loss: −loss. curv.: input-loss curvature "
         f"({config.curvature_estimator} estimator, {config.curvature_vectors} vectors), "
@@ -1195,9 +1766,20 @@ def _notes(config: ComparisonConfig, split) -> list[str]:
     ]
 
 
+def _one_run_ceiling(config: ComparisonConfig) -> float:
+    from gradguard.audit.one_run import one_run_epsilon
+
+    k = max(1, config.audit_canaries // 10)
+    perfect = np.r_[np.ones(k), np.zeros(config.audit_canaries - 2 * k), np.zeros(k)]
+    coins = np.r_[np.ones(k), np.zeros(config.audit_canaries - k)].astype(bool)
+    return one_run_epsilon(perfect, coins, k_plus=k, k_minus=k,
+                           delta=config.delta)["eps_lower_bound"]
+
+
 def _write_outputs(out: Path, config: ComparisonConfig, split, rows: list[dict[str, Any]],
                    outputs: list[_RowOutput], attacks: Sequence[str],
                    shadows: ShadowSet | None, total_seconds: float) -> None:
+    from gradguard._io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from gradguard.experiments.plots import plot_privacy_utility, plot_roc
 
     device = _resolve_device(config.device)
@@ -1215,11 +1797,8 @@ def _write_outputs(out: Path, config: ComparisonConfig, split, rows: list[dict[s
            "attacks": list(attacks), "environment": _environment(device),
            "shadow_seconds": shadows.seconds if shadows is not None else 0.0,
            "total_seconds": total_seconds, "notes": notes, "files": files}
-    with open(out / "results.json", "w") as f:
-        json.dump(doc, f, indent=2, allow_nan=False)
-    table = markdown_table(rows)
-    with open(out / "results.md", "w") as f:
-        f.write(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    atomic_write_json(out / "results.json", doc)
+    atomic_write_text(out / "results.md", _document(rows, notes))
 
     pu_rows = [{"name": r["name"], "test_accuracy": r["test_accuracy"],
                 "auc": r["best_auc"], "tpr_at_1pct_fpr": r["best_tpr_at_1pct_fpr"]}
@@ -1238,7 +1817,27 @@ def _write_outputs(out: Path, config: ComparisonConfig, split, rows: list[dict[s
             slug = Path(o.metrics["run_dir"]).name
             arrays[f"{slug}__{attack}__members"] = o.scores[attack][0]
             arrays[f"{slug}__{attack}__nonmembers"] = o.scores[attack][1]
-    np.savez(out / "scores.npz", **arrays)
+    for o in outputs:
+        slug = Path(o.metrics["run_dir"]).name
+        arrays.update({f"{slug}__{key}": value for key, value in o.extra.items()})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(out / "scores.npz", buffer.getvalue())
+
+
+def _document(rows: Sequence[Mapping[str, Any]], notes: Sequence[str],
+              diffs: Sequence[Mapping[str, Any]] = ()) -> str:
+    parts = [markdown_table(rows)]
+    if diffs:
+        parts += ["Paired differences against the DP-SGD row of closest mean test accuracy "
+                  "(same seeds; mean ± Student-t 95% interval):", paired_table(diffs)]
+    parts += ["Does the GNQ ledger rank the members an attack exposes (LiRA online at 1% FPR) "
+              "better than free baselines? AUC per ranker; differences with a paired bootstrap "
+              "95% interval (one seed) or mean ± 95% interval over seeds:", ranking_table(rows),
+              "Curvature attack (direction fixed: low curvature = member) per subgroup, and the "
+              "last in-training probe: ± DeLong SE (one seed) or ± 95% interval over seeds:",
+              curvature_table(rows)]
+    return "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -1255,15 +1854,18 @@ def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_csv(path, rows: list[dict]) -> None:
-    """One CSV row per result row; columns in first-seen order across all rows."""
+    """One CSV row per result row; columns in first-seen order across all rows (atomic)."""
+    from gradguard._io import atomic_write_text
+
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    atomic_write_text(path, text.getvalue())
 
 
 def _csv_value(value: Any) -> Any:
@@ -1291,10 +1893,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The comparison as a markdown table, one line per row.
 
     Columns: defence, test accuracy, the accountant's DP ε, AUC of each attack that ran,
-    the strongest attack's TPR at 1% FPR and empirical ε lower bound, the canaries'
-    exposure, the GNQ ledger's largest bound, examples dropped/clipped, and wall time.
-    Rows aggregated over seeds (:func:`run_repeated`) show "mean ± sd" where they carry
-    ``<key>_sd``.
+    the strongest attack's TPR at 1% FPR with its Clopper–Pearson 95% interval in
+    brackets, the chance level of that "best of k attacks" TPR (permutation mean, 95th
+    percentile in brackets), its empirical ε lower bound, the one-run audit's ε lower
+    bound, the canaries' exposure, the GNQ ledger's largest bound, examples
+    dropped/clipped, and wall time. Rows aggregated over seeds (:func:`run_repeated`) show
+    "mean ± half-width of the 95% interval" where they carry ``<key>_ci95`` (else
+    ``<key>_sd``), and the pooled Clopper–Pearson interval of the best TPR.
 
     Args:
         rows: result rows from :func:`run_row`, :func:`run_comparison` or
@@ -1305,18 +1910,29 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """
     attacks = [a for a in ATTACKS if any(f"{a}_auc" in r for r in rows)]
     header = (["defence", "test acc", "DP ε"] + [f"{_ATTACK_LABELS[a]} AUC" for a in attacks]
-              + ["best TPR@1%FPR", "best ε_lb", "canary AUC", "canaries fit (m/h)",
+              + ["best TPR@1%FPR [CP 95%]", "chance best-of-k [p95]", "best ε_lb",
+                 "one-run ε_lb", "canary AUC", "canaries fit (m/h)",
                  "max bound (nats)", "dropped / clipped", "time (s)"])
     align = ["---"] + ["---:"] * (len(header) - 1)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for r in rows:
 
         def cell(key: str, digits: int = 3, row: Mapping[str, Any] = r) -> str:
-            # "mean ± sd" for rows aggregated over seeds (see run_repeated).
+            # "mean ± 95% interval" (else ± sd) for rows aggregated over seeds.
             text = _fmt(row.get(key), digits)
-            if text != "–" and _finite(row.get(f"{key}_sd")):
-                text += f" ± {row[f'{key}_sd']:.{digits}f}"
+            spread = row.get(f"{key}_ci95", row.get(f"{key}_sd"))
+            if text != "–" and _finite(spread):
+                text += f" ± {spread:.{digits}f}"
             return text
+
+        tpr = cell("best_tpr_at_1pct_fpr")
+        for prefix in ("best_tpr_at_1pct_fpr_pooled_cp", "best_tpr_at_1pct_fpr_cp"):
+            if _finite(r.get(f"{prefix}_low")) and tpr != "–":
+                tpr += f" [{r[f'{prefix}_low']:.3f}, {r[f'{prefix}_high']:.3f}]"
+                break
+        chance = _fmt(r.get("chance_best_tpr_at_1pct_fpr"))
+        if chance != "–" and _finite(r.get("chance_best_tpr_at_1pct_fpr_p95")):
+            chance += f" [{r['chance_best_tpr_at_1pct_fpr_p95']:.3f}]"
 
         fit = "–"
         if _finite(r.get("canary_fit_members")) and _finite(r.get("canary_fit_holdout")):
@@ -1329,7 +1945,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         if r.get("budget_nats") is not None and "budget=p" in str(r.get("setting", "")):
             name += f" ({r['budget_nats']:.3g} nats)"
         cells = ([name, cell("test_accuracy"), eps] + [cell(f"{a}_auc") for a in attacks]
-                 + [cell("best_tpr_at_1pct_fpr"), cell("best_eps_lower_bound", 2),
+                 + [tpr, chance, cell("best_eps_lower_bound", 2), cell("one_run_eps_lb", 2),
                     cell("canary_best_auc"), fit, _fmt(r.get("gnq_max_bound"), 1), acted,
                     _fmt(r.get("wall_seconds"), 0)])
         lines.append("| " + " | ".join(cells) + " |")
