@@ -19,6 +19,7 @@ pipeline:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -176,16 +177,7 @@ class GradGuard:
             sketch_dim=sketch_dim, sketch_seed=sketch_seed)
         #: The policy object: decides each step's weights and owns its state.
         self.rule: Policy = rule
-        c = self.config
-        self.policy = rule.name
-        self.lam, self.relative_lam = c.lam, c.relative_lam
-        self.threshold, self.budget = c.threshold, c.budget
-        self.log_dir, self.log_every, self.save_every = c.log_dir, c.log_every, c.save_every
-        self.on_nonfinite, self.strategy, self.gram_dtype = c.on_nonfinite, c.strategy, \
-            c.gram_dtype
-        self.top_k, self.num_examples = c.top_k, c.num_examples
-        self.distributed, self.distributed_gnq = c.distributed, c.distributed_gnq
-        self.delta = c.delta
+        self._use_config(self.config)
         self.curvature = curvature
         self.process_group = process_group
 
@@ -214,6 +206,59 @@ class GradGuard:
         self._loss_scale = 1.0  # the GradScaler's scale of the step being measured
         self._closed = False
         self._warned_modified = False
+
+    def _use_config(self, config: GuardConfig) -> None:
+        """Make ``config`` the guard's settings (the attributes are read from it)."""
+        self.config = c = config
+        self.policy = c.policy
+        self.lam, self.relative_lam = c.lam, c.relative_lam
+        self.threshold, self.budget = c.threshold, c.budget
+        self.log_dir, self.log_every, self.save_every = c.log_dir, c.log_every, c.save_every
+        self.on_nonfinite, self.strategy, self.gram_dtype = c.on_nonfinite, c.strategy, \
+            c.gram_dtype
+        self.top_k, self.num_examples = c.top_k, c.num_examples
+        self.distributed, self.distributed_gnq = c.distributed, c.distributed_gnq
+        self.delta = c.delta
+
+    def replace_config(self, **changes: Any) -> GuardConfig:
+        """Change settings before :meth:`make_guarded` (integrations fill in what the
+        trainer knows: the run's log directory, dataset size, whether it is distributed).
+
+        ``guard.config`` and the attributes read from it (``guard.log_dir``, ...) change
+        together, validated as in the constructor.
+
+        Args:
+            **changes: :class:`~gradguard.config.GuardConfig` fields and their new values,
+                except ``policy``, ``threshold`` and ``budget`` (the policy object is built
+                from them: construct a new GradGuard instead).
+
+        Returns:
+            The new ``guard.config``.
+
+        Raises:
+            RuntimeError: the guard is already attached.
+            TypeError: a name that is not a settable field.
+            ValueError: a bad value (as the constructor would raise).
+
+        Example:
+            >>> guard = GradGuard(lam=0.1)
+            >>> guard.replace_config(num_examples=100, log_every=5).num_examples
+            100
+            >>> guard.num_examples, guard.log_every, guard.lam
+            (100, 5, 0.1)
+        """
+        if self.module is not None:
+            raise RuntimeError("replace_config changes settings before make_guarded; this "
+                               "guard is already attached. Create a new GradGuard instead.")
+        fields = {f.name for f in dataclasses.fields(GuardConfig)} - {"policy", "threshold",
+                                                                      "budget"}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            raise TypeError(f"replace_config cannot set {unknown}: settable fields are "
+                            f"{sorted(fields)} (policy, threshold and budget: construct a "
+                            "new GradGuard)")
+        self._use_config(dataclasses.replace(self.config, **changes))
+        return self.config
 
     # ------------------------------------------------------------------ wiring
     def make_guarded(self, *, module: nn.Module, optimizer: Optimizer,
@@ -312,7 +357,8 @@ class GradGuard:
         if data_loader is not None:
             self.loader = track_indices(data_loader)
             if self.num_examples is None:
-                self.num_examples = len(data_loader.dataset)
+                self._use_config(dataclasses.replace(self.config,
+                                                     num_examples=len(data_loader.dataset)))
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         self.ledger = DisclosureLedger(self.num_examples, device=device)
         sync = resolve_sync(module=module, optimizer=optimizer, enabled=self.distributed,

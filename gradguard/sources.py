@@ -54,8 +54,8 @@ class SharedBatch:
 
     K: torch.Tensor
     indices: torch.Tensor
-    own: slice = slice(None)
-    rows: slice = slice(None)
+    own: slice
+    rows: slice
 
 
 class GramSource(Protocol):
@@ -109,7 +109,7 @@ class _OneProcess:
     is_main = True
 
     def share_batch(self, K: torch.Tensor, indices: torch.Tensor) -> SharedBatch:
-        return SharedBatch(K, indices)
+        return SharedBatch(K, indices, own=slice(None), rows=slice(None))
 
     def share_rows(self, values: torch.Tensor, rows: slice) -> torch.Tensor:
         return values
