@@ -3,7 +3,8 @@
 Each rank captures the per-example gradients of its own local batch (DDP's all-reduce runs
 on the summed gradient, not on the hooks' captures), so each rank can compute GNQ over its
 local batch on its own. This module holds the few collective steps that make the ranks
-agree; the engine calls them at fixed points of a step.
+agree; :class:`~gradguard.sources.DistributedGramSource` wraps a rank's Gram source with
+them, so the engine's step is the same code with one process or many.
 
 Two ways to compute GNQ (``GradGuard(distributed_gnq=...)``):
 

@@ -19,6 +19,7 @@ pipeline:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -34,12 +35,12 @@ from torch.utils.data import DataLoader
 
 from . import rundir
 from .config import GuardConfig
-from .distributed import DistributedSync, gram_from_rows, resolve_sync, unwrap_ddp
+from .distributed import resolve_sync, unwrap_ddp
 from .ledger import BOUND_ASSUMPTIONS, DisclosureLedger
 from .loader import IndexTrackingLoader, track_indices
 from .optimizer import GuardedOptimizer
 from .policies import Policy, Quantile, make_policy
-from .sources import HookGramSource, OpacusGramSource, gram_source_for, is_dp_optimizer
+from .sources import DistributedGramSource, GramSource, gram_source_for, is_dp_optimizer
 from .uniqueness.gnq import gnq_from_gram, resolve_lam
 from .validation import check_int
 
@@ -176,16 +177,7 @@ class GradGuard:
             sketch_dim=sketch_dim, sketch_seed=sketch_seed)
         #: The policy object: decides each step's weights and owns its state.
         self.rule: Policy = rule
-        c = self.config
-        self.policy = rule.name
-        self.lam, self.relative_lam = c.lam, c.relative_lam
-        self.threshold, self.budget = c.threshold, c.budget
-        self.log_dir, self.log_every, self.save_every = c.log_dir, c.log_every, c.save_every
-        self.on_nonfinite, self.strategy, self.gram_dtype = c.on_nonfinite, c.strategy, \
-            c.gram_dtype
-        self.top_k, self.num_examples = c.top_k, c.num_examples
-        self.distributed, self.distributed_gnq = c.distributed, c.distributed_gnq
-        self.delta = c.delta
+        self._use_config(self.config)
         self.curvature = curvature
         self.process_group = process_group
 
@@ -194,7 +186,7 @@ class GradGuard:
         self.optimizer: GuardedOptimizer | None = None
         self.loader: IndexTrackingLoader | None = None
         self.sink = None
-        self.source: HookGramSource | OpacusGramSource | None = None
+        self.source: GramSource | None = None
         self.hooks = None  # the GramHooks of a hook source (None under Opacus)
         self.loss_reduction = "mean"
         self.step = 0  # real (not skipped) optimizer steps taken
@@ -212,9 +204,61 @@ class GradGuard:
         self.accumulation_steps = 1
         self._warned_accumulation = False
         self._loss_scale = 1.0  # the GradScaler's scale of the step being measured
-        self._dist: DistributedSync | None = None  # set by make_guarded under DDP
         self._closed = False
         self._warned_modified = False
+
+    def _use_config(self, config: GuardConfig) -> None:
+        """Make ``config`` the guard's settings (the attributes are read from it)."""
+        self.config = c = config
+        self.policy = c.policy
+        self.lam, self.relative_lam = c.lam, c.relative_lam
+        self.threshold, self.budget = c.threshold, c.budget
+        self.log_dir, self.log_every, self.save_every = c.log_dir, c.log_every, c.save_every
+        self.on_nonfinite, self.strategy, self.gram_dtype = c.on_nonfinite, c.strategy, \
+            c.gram_dtype
+        self.top_k, self.num_examples = c.top_k, c.num_examples
+        self.distributed, self.distributed_gnq = c.distributed, c.distributed_gnq
+        self.delta = c.delta
+
+    def replace_config(self, **changes: Any) -> GuardConfig:
+        """Change settings before :meth:`make_guarded` (integrations fill in what the
+        trainer knows: the run's log directory, dataset size, whether it is distributed).
+
+        ``guard.config`` and the attributes read from it (``guard.log_dir``, ...) change
+        together, validated as in the constructor.
+
+        Args:
+            **changes: :class:`~gradguard.config.GuardConfig` fields and their new values,
+                except ``policy``, ``threshold`` and ``budget`` (the policy object is built
+                from them: construct a new GradGuard instead).
+
+        Returns:
+            The new ``guard.config``.
+
+        Raises:
+            RuntimeError: the guard is already attached.
+            TypeError: a name that is not a settable field.
+            ValueError: a bad value (as the constructor would raise).
+
+        Example:
+            >>> guard = GradGuard(lam=0.1)
+            >>> guard.replace_config(num_examples=100, log_every=5).num_examples
+            100
+            >>> guard.num_examples, guard.log_every, guard.lam
+            (100, 5, 0.1)
+        """
+        if self.module is not None:
+            raise RuntimeError("replace_config changes settings before make_guarded; this "
+                               "guard is already attached. Create a new GradGuard instead.")
+        fields = {f.name for f in dataclasses.fields(GuardConfig)} - {"policy", "threshold",
+                                                                      "budget"}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            raise TypeError(f"replace_config cannot set {unknown}: settable fields are "
+                            f"{sorted(fields)} (policy, threshold and budget: construct a "
+                            "new GradGuard)")
+        self._use_config(dataclasses.replace(self.config, **changes))
+        return self.config
 
     # ------------------------------------------------------------------ wiring
     def make_guarded(self, *, module: nn.Module, optimizer: Optimizer,
@@ -318,12 +362,15 @@ class GradGuard:
         if data_loader is not None:
             self.loader = track_indices(data_loader)
             if self.num_examples is None:
-                self.num_examples = len(data_loader.dataset)
+                self._use_config(dataclasses.replace(self.config,
+                                                     num_examples=len(data_loader.dataset)))
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         self.ledger = DisclosureLedger(self.num_examples, device=device)
-        self._dist = resolve_sync(module=module, optimizer=optimizer, enabled=self.distributed,
-                                  gnq_mode=self.distributed_gnq, group=self.process_group,
-                                  device=device)
+        sync = resolve_sync(module=module, optimizer=optimizer, enabled=self.distributed,
+                            gnq_mode=self.distributed_gnq, group=self.process_group,
+                            device=device)
+        if sync is not None:
+            self.source = DistributedGramSource(self.source, sync)
         if dp:
             self._start_dp_accounting(optimizer, data_loader, expected, device)
         self._open_sink()
@@ -376,7 +423,7 @@ class GradGuard:
                 "before make_guarded) or leave them out of the optimizer.")
 
     def _open_sink(self) -> None:
-        if self.log_dir is None or (self._dist is not None and not self._dist.is_main):
+        if self.log_dir is None or not self.source.is_main:
             return
         from .tensorboard import TensorBoardSink
 
@@ -425,8 +472,8 @@ class GradGuard:
         """The wrapped optimizer stepped (or the guard took the step without it)."""
         self.source.clear()
         self._run_probe()
-        if self.save_every is not None and self.step % self.save_every == 0 and (
-                self._dist is None or self._dist.is_main):
+        if self.save_every is not None and self.step % self.save_every == 0 and \
+                self.source.is_main:
             # After the optimizer's step: the saved model is the one this step produced.
             self.save_run(self.log_dir, hparams=self.hparams())
 
@@ -448,25 +495,13 @@ class GradGuard:
                 self.loader.discard_oldest(extra)
         return self.loader.take(batch, device=device)
 
-    def _gram(self) -> torch.Tensor:
-        if self._dist is not None and self._dist.gnq_mode == "global":
-            # Exact global-batch GNQ needs the rows themselves, not just this rank's Gram.
-            rows, spans = self.source.rows()
-            self._dist.keep_rows(rows, spans)
-            return gram_from_rows(rows, spans, self.source.gram_dtype) if spans is not None \
-                else rows @ rows.T
-        K = self.source.gram()
-        if self._dist is not None and isinstance(self.source, OpacusGramSource):
-            self._dist.keep_rows(self.source.released_rows())
-        return K
-
     def _check_accumulation(self, optimizer: GuardedOptimizer) -> None:
         """Warn once when several micro-batches reach one step with accumulation_steps=1
         (virtual steps, ``signal_skip_step``, declare their convention themselves)."""
         if (self.accumulation_steps == 1 and not self._warned_accumulation
                 and optimizer.accumulated_iterations == 1
                 and self.loader is not None and len(self.loader.consumed) > 1
-                and isinstance(self.source, HookGramSource)):
+                and self.source.name == "hooks"):
             self._warned_accumulation = True
             warnings.warn(
                 f"{len(self.loader.consumed)} batches reached one optimizer step (gradient "
@@ -492,8 +527,7 @@ class GradGuard:
     def _gram_nonfinite(self, K: torch.Tensor, indices: torch.Tensor) -> str | None:
         finite = torch.isfinite(torch.diagonal(K))
         ok = bool(finite.all()) and bool(torch.isfinite(K).all())
-        if self._dist is not None:
-            ok = self._dist.agree(ok)  # every rank skips (or raises) together
+        ok = self.source.agree(ok)  # every rank skips (or raises) together
         if ok:
             return None
         bad = indices[~finite].tolist()[:20]
@@ -508,8 +542,7 @@ class GradGuard:
         finite = torch.stack([torch.isfinite(p.grad).all() for p in params]) if params \
             else torch.ones(0, dtype=torch.bool)
         ok = bool(finite.all())  # one host sync for all parameters
-        if self._dist is not None:
-            ok = self._dist.agree(ok)
+        ok = self.source.agree(ok)
         if ok:
             return None
         names = {id(p): n for n, p in unwrap_ddp(self.module).named_parameters()}
@@ -528,11 +561,11 @@ class GradGuard:
             return 1.0
         expected = optimizer.expected_batch_size
         if getattr(optimizer, "poisson_sampling", False) or optimizer.accumulated_iterations > 1 \
-                or self._dist is not None:
+                or self.source.distributed:
             # (under DDP each rank's update is averaged over the ranks afterwards: every
             # rank divides by the same expected size, as the single-process reference)
             return float(expected or max(1, batch))
-        scale = self.source.backward_scale() if isinstance(self.source, HookGramSource) \
+        scale = self.source.backward_scale() if self.source.name == "hooks" \
             else None
         if scale is not None:
             return float(scale)
@@ -550,22 +583,20 @@ class GradGuard:
         """
         start = time.perf_counter()
         # ---- measure
-        K = self._gram()
+        K = self.source.gram()
         B = K.shape[0]
         device = self.ledger.device
         self._check_accumulation(optimizer)
         indices = self._indices_for(B, device)
-        if B == 0 and self._dist is None:  # under DDP the other ranks still need this one
+        if B == 0 and not self.source.distributed:  # under DDP the other ranks still need this one
             return self._empty_step(optimizer, device)
         message = self._gram_nonfinite(K, indices)
         if message is not None:
             return self._skip_or_raise(optimizer, message)
         # own: this rank's examples in the global batch; rows: those K (hence the policy)
         # covers. From here on gnq, indices, weights span the global batch on every rank.
-        own = rows = slice(None)
-        if self._dist is not None:
-            K, indices, own, rows = self._dist.share_batch(K, indices,
-                                                           gram_dtype=self.source.gram_dtype)
+        shared = self.source.share_batch(K, indices)
+        K, indices, own, rows = shared.K, shared.indices, shared.own, shared.rows
         self._loss_scale = 1.0
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             # The captures carry the loss scale S (scaler.scale(loss).backward()): K is S²
@@ -579,34 +610,30 @@ class GradGuard:
             K = K * float(self.accumulation_steps) ** 2
         lam, lam_logged = _ridge(K, self.lam, relative=self.relative_lam)
         gnq_raw = None
-        if isinstance(self.source, OpacusGramSource):
+        if self.source.name == "opacus":
             # What is released: the clipped rows, with the Gaussian noise in the ridge.
             gnq_raw = gnq_from_gram(self.source.raw_gram,
                                     _ridge(self.source.raw_gram, self.lam,
                                            relative=self.relative_lam)[0])
-            if self._dist is not None:
-                gnq_raw = self._dist.share_rows(gnq_raw, own)
+            gnq_raw = self.source.share_rows(gnq_raw, own)
             lam = lam + self.source.noise_ridge()
             lam_logged = lam_logged + self.source.noise_ridge()
-        gnq = gnq_from_gram(K, lam)
-        if self._dist is not None:
-            gnq = self._dist.share_rows(gnq, rows)
+        gnq = self.source.share_rows(gnq_from_gram(K, lam), rows)
         # ---- decide
         decision = self.rule.decide(K=K, gnq=gnq, lam=lam, indices=indices, ledger=self.ledger,
                                     rows=rows)
         weights, effective = decision.weights, decision.effective
-        if isinstance(self.source, OpacusGramSource) and self.rule.acts:
+        if self.source.name == "opacus" and self.rule.acts:
             # Exactly what Opacus releases once it clips the reweighted rows.
             effective = self.source.effective_gnq(weights, lam)
-        if self._dist is not None:
-            weights = self._dist.share_rows(weights, rows)
-            effective = self._dist.share_rows(effective, rows)
+        weights = self.source.share_rows(weights, rows)
+        effective = self.source.share_rows(effective, rows)
         # ---- apply
         kept_any = True
         # Virtual steps on a plain optimizer: the loop's zero_grad() cleared .grad between
         # micro-batches, so the logical batch's update is rebuilt from the captures.
         if self.rule.acts or (optimizer.accumulated_iterations > 1
-                              and isinstance(self.source, HookGramSource)):
+                              and self.source.name == "hooks"):
             kept_any = self._apply(optimizer, weights[own])
         message = self._grads_nonfinite(optimizer)
         if message is not None:
@@ -653,12 +680,12 @@ class GradGuard:
 
     def _apply(self, optimizer: GuardedOptimizer, weights: torch.Tensor) -> bool:
         """Make the update Σ_j w_j g_j / B; returns whether any example is kept."""
-        if isinstance(self.source, OpacusGramSource):
+        if self.source.name == "opacus":
             self.source.apply(weights, denom=1.0)
             return True
         denom = self._denominator(optimizer, weights.shape[0])
         if weights.shape[0] and bool((weights == 1).all()) and \
-                optimizer.accumulated_iterations == 1 and self._dist is None:
+                optimizer.accumulated_iterations == 1 and not self.source.distributed:
             # Nothing reweighted: .grad already is the update, exactly (a short batch is
             # divided by its own size). Under Poisson sampling only the scale changes.
             scale = self.source.backward_scale()
@@ -682,14 +709,12 @@ class GradGuard:
         # Rebuilt from the scaled captures, divided by the loss scale: unscaled, as the
         # gradients the scaler unscaled (never a mix of the two).
         self.source.apply(weights, denom=denom * self._loss_scale)
-        if self._dist is not None:
-            # DDP averaged the gradients during backward, before this rewrite.
-            self._dist.average_gradients(self.source.guarded_params())
-            return True
+        if self.source.distributed:
+            return True  # the ranks step together, whatever this rank's share kept
         return not weights.shape[0] or bool((weights != 0).any())
 
     def _dp_note(self) -> str:
-        if not isinstance(self.source, OpacusGramSource):
+        if self.source.name != "opacus":
             return ""
         from .dp import INDIVIDUAL_EPS_NOTE, RELEASED_GNQ_NOTE
 
@@ -699,11 +724,16 @@ class GradGuard:
         """Individual ε under DP-SGD (see :mod:`gradguard.dp`)."""
         from .dp import start_individual_accounting
 
-        if self._dist is not None and self.rule.acts:
+        if self.source.distributed and self.rule.acts:
             raise NotImplementedError(
                 "policies under Opacus with distributed training: the released GNQ of a "
                 "reweighted, re-clipped batch is computed per rank only. Use "
                 "policy='monitor', or a single process.")
+        if self.source.distributed and self.source.sync.gnq_mode == "global":
+            raise NotImplementedError(
+                "distributed_gnq='global' under Opacus: the released GNQ is measured from each "
+                "rank's clipped rows; use distributed_gnq='local' (an upper bound of the "
+                "global-batch GNQ).")
         self._accountant = start_individual_accounting(
             self.source.release, num_examples=self.num_examples, data_loader=data_loader,
             expected_batch_size=expected, device=device)
@@ -719,8 +749,8 @@ class GradGuard:
         if indices.numel():
             ratios = self.source.release.released_ratios(
                 None if weights is None else weights[own])
-            if self._dist is not None:  # every rank accounts the global batch alike
-                ratios = self._dist.share_rows(ratios, own)
+            # every rank accounts the global batch alike
+            ratios = self.source.share_rows(ratios, own)
         self._accountant.step(indices, ratios)
         self.ledger.set_epsilon(self._accountant.epsilon(self.delta))
 
@@ -735,7 +765,7 @@ class GradGuard:
         scalars = {"time/guard_seconds": self.guard_seconds}
         if self.rule.acts:
             scalars["policy/realised_rate"] = self.rule.last_rate
-        if isinstance(self.source, OpacusGramSource):
+        if self.source.name == "opacus":
             accountant = self._accountant
             scalars.update(dp_scalars(
                 gnq_raw=self.last_gnq_raw,

@@ -8,22 +8,29 @@ Two exist, picked once by :func:`gram_source_for` (as Opacus picks its optimizer
   (ghost kernels or materialised per-example gradients per layer);
 - :class:`OpacusGramSource`: Opacus's ``grad_sample`` when the optimizer is a
   ``DPOptimizer`` (what DP-SGD clips is what is measured).
+
+Under ``torch.distributed``, :class:`DistributedGramSource` wraps either one: the same
+interface, with the ranks' batches shared and their decisions agreed. A source also says
+how its batch is seen by the whole run (:meth:`GramSource.share_batch`,
+:meth:`~GramSource.share_rows`, :meth:`~GramSource.agree`); in one process these are
+identities, so the engine's step is the same code with or without ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from .distributed import flatten_per_example
+from .distributed import DistributedSync, flatten_per_example, gram_from_rows
 from .uniqueness.hooks import GramHooks
 
-__all__ = ["GramSource", "HookGramSource", "OpacusGramSource", "gram_source_for",
-           "is_dp_optimizer"]
+__all__ = ["DistributedGramSource", "GramSource", "HookGramSource", "OpacusGramSource",
+           "SharedBatch", "gram_source_for", "is_dp_optimizer"]
 
 
 def is_dp_optimizer(optimizer) -> bool:
@@ -34,8 +41,31 @@ def is_dp_optimizer(optimizer) -> bool:
     return dp is not None and isinstance(optimizer, dp)
 
 
+@dataclass(frozen=True)
+class SharedBatch:
+    """A step's batch as every rank sees it (in one process: the step's own batch).
+
+    Attributes:
+        K: the Gram GNQ is computed from (this rank's, or the global batch's).
+        indices: ``[B_global]`` dataset indices, in rank order.
+        own: this rank's examples in the global batch.
+        rows: the examples ``K`` covers (hence the policy's decisions).
+    """
+
+    K: torch.Tensor
+    indices: torch.Tensor
+    own: slice
+    rows: slice
+
+
 class GramSource(Protocol):
     """What the engine needs from a measurement backend."""
+
+    name: str
+    #: Whether other ranks share this step (then :meth:`share_batch` and friends talk).
+    distributed: bool
+    #: Whether this process writes logs and run directories (the first rank).
+    is_main: bool
 
     def gram(self) -> torch.Tensor:
         """``[B, B]`` float64 Gram of this step's per-example gradients."""
@@ -62,6 +92,31 @@ class GramSource(Protocol):
     def remove(self) -> None:
         """Detach from the model."""
 
+    def share_batch(self, K: torch.Tensor, indices: torch.Tensor) -> SharedBatch:
+        """This step's Gram and dataset indices, as the whole run sees them."""
+
+    def share_rows(self, values: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Per-example ``values`` of ``rows`` of the global batch, for all of it."""
+
+    def agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (every rank then skips or raises together)."""
+
+
+class _OneProcess:
+    """The run-wide view of a step in a single process: the step's batch is the batch."""
+
+    distributed = False
+    is_main = True
+
+    def share_batch(self, K: torch.Tensor, indices: torch.Tensor) -> SharedBatch:
+        return SharedBatch(K, indices, own=slice(None), rows=slice(None))
+
+    def share_rows(self, values: torch.Tensor, rows: slice) -> torch.Tensor:
+        return values
+
+    def agree(self, ok: bool) -> bool:
+        return ok
+
 
 def _owns_layout(g: torch.Tensor, p: torch.Tensor) -> bool:
     """``g`` can become ``p.grad`` as is: p's strides, and a storage of its own."""
@@ -69,7 +124,7 @@ def _owns_layout(g: torch.Tensor, p: torch.Tensor) -> bool:
             and g.untyped_storage().nbytes() == g.numel() * g.element_size())
 
 
-class HookGramSource:
+class HookGramSource(_OneProcess):
     """Per-example gradients captured by :class:`GramHooks` on the model's layers.
 
     Args:
@@ -141,7 +196,7 @@ class HookGramSource:
         self.hooks.remove()
 
 
-class OpacusGramSource:
+class OpacusGramSource(_OneProcess):
     """What Opacus's ``DPOptimizer`` releases, from its per-example gradients.
 
     :meth:`gram` is the Gram of the released rows (clipped as Opacus clips them; the
@@ -210,6 +265,61 @@ class OpacusGramSource:
 
     def remove(self) -> None:
         self.clear()
+
+
+class DistributedGramSource:
+    """A Gram source shared by the ranks of a ``torch.distributed`` group.
+
+    Wraps the rank's own source (what it captures is its local batch) and adds the
+    collective steps of :class:`~gradguard.distributed.DistributedSync`: the global batch
+    (exact global-batch Gram in ``"global"`` mode), per-example values for all of it,
+    agreement on skips, and DDP's averaging of a rewritten update. Everything else is the
+    wrapped source's.
+
+    Args:
+        inner: this rank's :class:`HookGramSource` or :class:`OpacusGramSource`.
+        sync: the group's collective steps (:func:`~gradguard.distributed.resolve_sync`).
+    """
+
+    distributed = True
+
+    def __init__(self, inner: HookGramSource | OpacusGramSource, sync: DistributedSync):
+        self.inner = inner
+        self.sync = sync
+        self.is_main = sync.is_main
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or "inner" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __repr__(self) -> str:
+        return f"DistributedGramSource({type(self.inner).__name__}, {self.sync!r})"
+
+    def gram(self) -> torch.Tensor:
+        if self.sync.gnq_mode == "global":
+            # Exact global-batch GNQ needs the rows themselves, not just this rank's Gram.
+            rows, spans = self.inner.rows()
+            self.sync.keep_rows(rows, spans)
+            return gram_from_rows(rows, spans, self.inner.gram_dtype) if spans is not None \
+                else rows @ rows.T
+        return self.inner.gram()
+
+    def share_batch(self, K: torch.Tensor, indices: torch.Tensor) -> SharedBatch:
+        return SharedBatch(*self.sync.share_batch(K, indices, gram_dtype=self.inner.gram_dtype))
+
+    def share_rows(self, values: torch.Tensor, rows: slice) -> torch.Tensor:
+        return self.sync.share_rows(values, rows)
+
+    def agree(self, ok: bool) -> bool:
+        return self.sync.agree(ok)
+
+    def apply(self, weights: torch.Tensor, *, denom: float) -> None:
+        self.inner.apply(weights, denom=denom)
+        if not isinstance(self.inner, OpacusGramSource):
+            # DDP averaged the gradients during backward, before this rewrite. (Opacus's
+            # distributed optimizer averages what it releases in its own step.)
+            self.sync.average_gradients(self.inner.guarded_params())
 
 
 def gram_source_for(module: nn.Module, optimizer, *, policy_acts: bool, **hook_kwargs):

@@ -125,7 +125,7 @@ def _run_ddp(rank: int, kwargs: dict | None, log_dir: str | None) -> dict:
         out["ledger"] = guard.ledger.state_dict()
         out["curvature_mean"] = guard.ledger.curvature_mean()
         out["dropped_total"] = float(guard.summary()["dropped_total"])
-        out["is_synced"] = guard._dist is not None
+        out["is_synced"] = guard.source.distributed
         guard.close()
     return out
 
@@ -157,7 +157,7 @@ def _run_dpddp(rank: int, with_guard: bool) -> dict:
            "expected_batch_size": opt.expected_batch_size}
     if guard is not None:
         out["ledger"] = guard.ledger.state_dict()
-        out["is_synced"] = guard._dist is not None
+        out["is_synced"] = guard.source.distributed
         guard.close()
     return out
 

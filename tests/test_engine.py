@@ -627,3 +627,37 @@ def test_step_hook_reapplies_clipping_to_the_rewritten_gradients_without_warning
     clipped = rebuilt * (1e-3 / (rebuilt.norm() + 1e-6))  # clip_grad_norm_'s own rule
     torch.testing.assert_close(applied[-1], clipped, rtol=1e-9, atol=1e-12)
     guard.close()
+
+
+def test_replace_config_keeps_config_and_attributes_one_truth(tmp_path):
+    guard = gg.GradGuard(policy="drop", threshold=4.0, lam=0.5)
+    config = guard.replace_config(log_dir=str(tmp_path), num_examples=20, distributed=False,
+                                  log_every=3)
+    assert config is guard.config
+    assert (guard.log_dir, guard.num_examples, guard.distributed, guard.log_every) == \
+        (str(tmp_path), 20, False, 3)
+    # untouched settings are kept, in the config and the attributes
+    assert (config.policy, config.threshold, config.lam) == ("drop", 4.0, 0.5)
+    assert (guard.policy, guard.threshold, guard.lam) == ("drop", 4.0, 0.5)
+    with pytest.raises(ValueError, match="log_every"):
+        guard.replace_config(log_every=0)
+    assert guard.config.log_every == guard.log_every == 3  # a failed change changes nothing
+    with pytest.raises(TypeError, match=r"cannot set \['threshold'\]"):
+        guard.replace_config(threshold=1.0)  # the policy object was built from it
+    with pytest.raises(TypeError, match=r"cannot set \['logdir'\]"):
+        guard.replace_config(logdir="x")
+    model = make_mlp()
+    guard.make_guarded(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       data_loader=DataLoader(make_data(n=20), batch_size=5))
+    with pytest.raises(RuntimeError, match="already attached"):
+        guard.replace_config(num_examples=30)
+    guard.close()
+
+
+def test_num_examples_from_the_loader_is_in_the_config():
+    guard = gg.GradGuard(lam=LAM)
+    model = make_mlp()
+    guard.make_guarded(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       data_loader=DataLoader(make_data(n=17), batch_size=5))
+    assert guard.config.num_examples == guard.num_examples == 17
+    guard.close()

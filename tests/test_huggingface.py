@@ -215,6 +215,8 @@ def test_monitor_trains_like_the_stock_trainer(tmp_path):
             train_dataset=TokenData()).train()
     for a, b in zip(guarded.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # the dataset size the trainer filled in is the guard's config too
+    assert trainer.guard.config.num_examples == trainer.guard.num_examples == N
     # evaluation goes through the same compute_loss, without indices or a guarded step
     assert torch.isfinite(torch.tensor(trainer.evaluate(eval_dataset=TokenData())["eval_loss"]))
 

@@ -167,6 +167,9 @@ def test_logs_into_the_trainers_tensorboard_run(tmp_path):
     cb = GradGuardCallback(policy="monitor", lam=LAM, log_every=1)
     _, trainer = _fit(tmp_path, cb)
     assert cb.guard.log_dir == trainer.logger.log_dir
+    # what the callback filled in is the guard's config too, not only its attributes
+    assert cb.guard.config.log_dir == trainer.logger.log_dir
+    assert cb.guard.config.num_examples == cb.guard.num_examples == N
     acc = EventAccumulator(trainer.logger.log_dir)
     acc.Reload()
     assert "gradguard/gnq/mean" in acc.Tags()["scalars"]

@@ -296,15 +296,20 @@ class GradGuardTrainer(Trainer):
         if self.guard.module is not None:  # a later train() call: already guarded
             return optimizer
         guard = self.guard
+        changes = {}
         if guard.distributed is None and self.args.world_size > 1:
-            guard.distributed = True  # Accelerate wraps the model after this point
-        if guard.log_dir == "auto":
+            changes["distributed"] = True  # Accelerate wraps the model after this point
+        log_dir = guard.log_dir
+        if log_dir == "auto":
             base = getattr(self.args, "logging_dir", None) or self.args.output_dir
-            guard.log_dir = os.path.join(base, "gradguard")
-        if guard.log_dir is not None and not self.args.should_log:
-            guard.log_dir = None
+            log_dir = os.path.join(base, "gradguard")
+        if log_dir is not None and not self.args.should_log:
+            log_dir = None
+        if log_dir != guard.log_dir:
+            changes["log_dir"] = log_dir
         if guard.num_examples is None:
-            guard.num_examples = len(self.train_dataset)
+            changes["num_examples"] = len(self.train_dataset)
+        guard.replace_config(**changes)
         guard.make_guarded(module=self.model, optimizer=optimizer,
                            loss_reduction=self.loss_reduction, params=self.guarded_params)
         # Collects the indices of every micro-batch of a gradient-accumulation window.

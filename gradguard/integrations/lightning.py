@@ -216,15 +216,17 @@ class GradGuardCallback(Callback):
                              "examples must come from one dataset); got "
                              f"{type(trainer.train_dataloader).__name__}")
         guard = self.guard
+        changes = {}
         if guard.num_examples is None:
-            guard.num_examples = len(self._train_loader.dataset)
+            changes["num_examples"] = len(self._train_loader.dataset)
         if guard.distributed is None and trainer.world_size > 1:
-            guard.distributed = True  # DDP wraps the LightningModule where gradguard can't see
+            changes["distributed"] = True  # DDP wraps the LightningModule out of our sight
         if guard.log_dir is None:
             logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)),
                           None)
             if logger is not None and trainer.is_global_zero:
-                guard.log_dir = logger.log_dir
+                changes["log_dir"] = logger.log_dir
+        guard.replace_config(**changes)
         raw = trainer.strategy.optimizers[0]
         # Lightning divides every micro-batch's loss by accumulate_grad_batches (the last,
         # shorter window of an epoch too), and scales it by the fp16 plugin's GradScaler.
