@@ -139,8 +139,14 @@ TABLE_LEGEND = {
     "DP ε": "the privacy accountant's ε for DP-SGD rows (δ as set); ∞ (none): no DP guarantee",
     "<attack> AUC": "membership-inference attack's ROC AUC (0.5 = chance); curv. = input-loss "
                     "curvature, LiRA-on/-off = LiRA with online/offline shadow models",
-    "best TPR@1%FPR": "strongest attack's true-positive rate at a 1% false-positive rate",
+    "best TPR@1%FPR": "strongest attack's true-positive rate at a 1% false-positive rate "
+                      "[its Clopper-Pearson 95% interval]",
+    "chance best-of-k": "what the best of these k attacks reaches on shuffled membership "
+                        "labels (permutation mean [95th percentile]): a best TPR inside it is "
+                        "indistinguishable from chance",
     "best ε_lb": "empirical lower bound on ε implied by the strongest attack",
+    "one-run ε_lb": "one-run audit (Steinke et al. 2023): ε lower bound from fair-coin "
+                    "canaries, 95% confidence; its ceiling is set by the number of canaries",
     "canary AUC": "strongest attack's AUC on the planted canaries",
     "canaries fit (m/h)": "share of member / held-out canaries whose planted label the model "
                           "predicts",
@@ -409,8 +415,9 @@ def _legend_for(table: str) -> str:
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     shown = {}
     for name, meaning in TABLE_LEGEND.items():
-        if name in header or (name == "<attack> AUC" and any(h.endswith(" AUC") and
-                                                              h != "canary AUC" for h in header)):
+        if any(h == name or h.startswith(name + " ") for h in header) or (
+                name == "<attack> AUC" and any(h.endswith(" AUC") and h != "canary AUC"
+                                               for h in header)):
             shown[name] = meaning
     return format_legend(shown)
 
