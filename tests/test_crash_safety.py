@@ -17,6 +17,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import gradguard as gg
 from tests._killable_run import BATCH, EPOCHS, N, build, train
 
+# End to end: real subprocesses (kept in CI; deselect with -m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = EPOCHS * N // BATCH
 

@@ -37,6 +37,9 @@ from gradguard.policies import Quantile, policy_weights
 from gradguard.uniqueness.gnq import gnq_from_grads
 from tests.reference import ce_sum, gnq_explicit, per_example_grads
 
+# End to end: two gloo processes (kept in CI; deselect with -m "not slow").
+pytestmark = pytest.mark.slow
+
 WORLD = 2
 N = 34  # not a multiple of WORLD * BATCH: DistributedSampler pads, the last batch is short
 BATCH = 4  # per rank
