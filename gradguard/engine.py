@@ -539,9 +539,11 @@ class GradGuard:
     def _grads_nonfinite(self, optimizer: GuardedOptimizer) -> str | None:
         """Which parameters' final gradients (what the optimizer applies) are NaN/Inf."""
         params = [p for p in optimizer.params if p.grad is not None]
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]) if params \
-            else torch.ones(0, dtype=torch.bool)
-        ok = bool(finite.all())  # one host sync for all parameters
+        # max |g| per tensor (NaN propagates, and a max of finite values cannot overflow):
+        # one fused pass over the gradients and one host sync for all parameters.
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(
+            [p.grad for p in params], float("inf")))) if params else torch.ones(0, dtype=torch.bool)
+        ok = bool(finite.all())
         ok = self.source.agree(ok)
         if ok:
             return None
@@ -618,7 +620,8 @@ class GradGuard:
             gnq_raw = self.source.share_rows(gnq_raw, own)
             lam = lam + self.source.noise_ridge()
             lam_logged = lam_logged + self.source.noise_ridge()
-        gnq = self.source.share_rows(gnq_from_gram(K, lam), rows)
+        # (K was formed here from per-example gradients and checked for NaN/Inf above)
+        gnq = self.source.share_rows(gnq_from_gram(K, lam, validate=False), rows)
         # ---- decide
         decision = self.rule.decide(K=K, gnq=gnq, lam=lam, indices=indices, ledger=self.ledger,
                                     rows=rows)

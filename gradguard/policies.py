@@ -66,7 +66,7 @@ class Quantile:
 def effective_gnq(K: torch.Tensor, weights: torch.Tensor, lam) -> torch.Tensor:
     """GNQ of the reweighted update: the Gram of w_j g_j is diag(w) K diag(w)."""
     w = weights.to(torch.float64)
-    return gnq_from_gram(w[:, None] * K.to(torch.float64) * w[None, :], lam)
+    return gnq_from_gram(w[:, None] * K.to(torch.float64) * w[None, :], lam, validate=False)
 
 
 def budget_thresholds(remaining: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,7 @@ def _check_lam_tensor(lam: torch.Tensor) -> torch.Tensor:
 
 
 def gnq_from_gram(K: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
-                  relative: bool = False) -> torch.Tensor:
+                  relative: bool = False, validate: bool = True) -> torch.Tensor:
     """Leave-one-out gradient uniqueness of every example from the batch Gram.
 
     Precision: everything is solved in float64 on K and λ scaled by K's largest diagonal
@@ -123,6 +123,10 @@ def gnq_from_gram(K: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
         lam: ridge λ > 0 (absolute, a number or a one-element tensor), or ρ when
             ``relative=True``.
         relative: use λ = ρ·trace(K)/B.
+        validate: check that K is finite, symmetric and positive semi-definite (two host
+            synchronisations and a second Cholesky factorisation). ``False`` is for Grams
+            gradguard formed itself from per-example gradients, already checked for
+            NaN/Inf: they are Gram matrices by construction.
 
     Returns:
         ``[B]`` float64 tensor on ``K``'s device, ≥ 0. A zero Gram gives exactly 0.
@@ -148,7 +152,8 @@ def gnq_from_gram(K: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
     B = K.shape[0]
     if B == 0:
         return torch.zeros(0, dtype=torch.float64, device=K.device)
-    _check_finite(K)
+    if validate:
+        _check_finite(K)
     source_eps = torch.finfo(K.dtype).eps
     K = K.to(torch.float64)
     scale = torch.diagonal(K).max()
@@ -158,8 +163,8 @@ def gnq_from_gram(K: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
                              "positive semi-definite, so no Gram matrix of real gradients")
         return torch.zeros(B, dtype=torch.float64, device=K.device)  # no gradient: GNQ 0
     rel_tol = max(1e-6, 16 * source_eps)
-    asym = (K - K.T).abs().max() / K.abs().max()
-    if bool(asym > rel_tol):
+    asym = (K - K.T).abs().max() / K.abs().max() if validate else 0.0
+    if validate and bool(asym > rel_tol):
         raise ValueError(
             f"K is not symmetric (max |K - Kᵀ| is {float(asym):.3g} of its largest entry, beyond "
             f"rounding {rel_tol:.1g}): it is not a Gram matrix G Gᵀ. Pass the full Gram, not a "
@@ -174,7 +179,7 @@ def gnq_from_gram(K: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
     # formed in float32 and handed over in float64 (long float32 dot products err by
     # ~1e-5 relative), far below the negative eigenvalues of a matrix that is no Gram.
     psd_tol = B * max(_PSD_RTOL, 16 * source_eps)
-    _, info_psd = torch.linalg.cholesky_ex(K + psd_tol * eye)
+    info_psd = torch.linalg.cholesky_ex(K + psd_tol * eye)[1] if validate else 0
     L, info = torch.linalg.cholesky_ex(K + lam_scaled * eye)
     if int(info_psd) != 0 or int(info) != 0:
         raise ValueError(
