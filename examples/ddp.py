@@ -76,6 +76,8 @@ def train(rank: int, args: argparse.Namespace, port: int) -> None:
             print(format_run_summary(s, log_dir=args.log_dir))
             print(guard.ledger.top(5))
         guard.close()
+        # Leave together: a rank tearing down gloo while its peer still writes can abort.
+        dist.barrier()
         if not agree:
             raise SystemExit("ledgers differ across ranks")
     finally:
