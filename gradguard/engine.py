@@ -700,6 +700,7 @@ class GradGuard:
             return True
         if (optimizer.step_hook is None and not self._warned_modified
                 and self.grad_scaler is None  # its unscale_ is accounted for below
+                and not self.source.distributed  # DDP's reducer writes .grad itself
                 and optimizer.accumulated_iterations == 1 and self.source.grads_modified()):
             self._warned_modified = True
             warnings.warn(
