@@ -149,12 +149,17 @@ def rdp_to_epsilon(rdp: torch.Tensor, orders: Sequence[float], delta: float) -> 
     Returns:
         ``[...]`` float64 ε (``inf`` where every order's RDP is infinite).
     """
+    return (rdp.to(torch.float64) + _conversion_offset(tuple(orders), delta)
+            .to(rdp.device)).amin(dim=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _conversion_offset(orders: tuple[float, ...], delta: float) -> torch.Tensor:
+    """ε_α − rdp_α of the RDP → (ε, δ) conversion: −(ln δ + ln α)/(α − 1) + ln((α − 1)/α)."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must lie in (0, 1), got {delta!r}")
-    alpha = torch.as_tensor(list(orders), dtype=torch.float64, device=rdp.device)
-    eps = (rdp.to(torch.float64) - (math.log(delta) + torch.log(alpha)) / (alpha - 1)
-           + torch.log((alpha - 1) / alpha))
-    return torch.nan_to_num(eps, nan=math.inf).amin(dim=-1)
+    alpha = torch.tensor(orders, dtype=torch.float64)
+    return -(math.log(delta) + torch.log(alpha)) / (alpha - 1) + torch.log((alpha - 1) / alpha)
 
 
 def dp_scalars(*, gnq_raw: torch.Tensor | None = None, eps: torch.Tensor | None = None,
@@ -482,6 +487,7 @@ class IndividualAccountant:
                                device=device)
         self.run_rdp = torch.zeros(len(self.orders), dtype=torch.float64, device=device)
         self.steps = 0
+        self._offsets: dict[float, torch.Tensor] = {}
 
     def bins(self, ratios: torch.Tensor) -> torch.Tensor:
         """Bin of each ratio, rounded up (0: exactly zero; ``n_bins``: r = 1)."""
@@ -512,7 +518,9 @@ class IndividualAccountant:
         """``[N]`` float64 individual ε at ``delta`` (0 before any step)."""
         if self.steps == 0:
             return torch.zeros(self.rdp.shape[0], dtype=torch.float64, device=self.rdp.device)
-        return rdp_to_epsilon(self.rdp, self.orders, delta)
+        if delta not in self._offsets:  # once per δ: no host-to-device copy per step
+            self._offsets[delta] = _conversion_offset(self.orders, delta).to(self.rdp.device)
+        return (self.rdp + self._offsets[delta]).amin(dim=-1)
 
     def run_epsilon(self, delta: float) -> float:
         """The run's ε at ``delta`` by RDP accounting (every example charged C every step)."""
