@@ -9,6 +9,16 @@ import torch
 from .base import _CHUNK_ELEMENTS, LayerKernel, _nonzero_rows
 
 
+def _scatter_per_example(weight: torch.Tensor, batch_size: int, entries) -> torch.Tensor:
+    """Per-example gradients ``[B, V, E]`` of an embedding table from (example, token id,
+    output gradient) entries: one scatter per call into row (example, id) of a [B·V, E] view."""
+    V = weight.shape[0]
+    G = weight.new_zeros(batch_size, *weight.shape)
+    flat = G.view(batch_size * V, -1)
+    for ex, ids, D in entries:
+        flat.index_add_(0, ex * V + ids, D.to(G.dtype))
+    return G
+
 class EmbeddingKernel(LayerKernel):
     """``nn.Embedding``: K_ij = Σ_{t,s} [id_it = id_js] (δ_it·δ_js).
 
@@ -38,14 +48,11 @@ class EmbeddingKernel(LayerKernel):
     def per_example_grads(self, module, calls, batch_size, names):
         if "weight" not in names:
             return {}
-        V = module.weight.shape[0]
-        G = module.weight.new_zeros(batch_size, *module.weight.shape)
-        flat = G.view(batch_size * V, -1)
+        entries = []
         for ids, D, off in self._segments(module, calls):
-            # One scatter for the whole call: row (example, token id) of the [B·V, E] view.
-            rows = torch.arange(off, off + ids.shape[0], device=ids.device)[:, None] * V + ids
-            flat.index_add_(0, rows.reshape(-1), D.reshape(-1, D.shape[-1]).to(G.dtype))
-        return {"weight": G}
+            ex = torch.arange(off, off + ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+            entries.append((ex.reshape(-1), ids.reshape(-1), D.reshape(-1, D.shape[-1])))
+        return {"weight": _scatter_per_example(module.weight, batch_size, entries)}
 
     def gram(self, module, calls, batch_size, names, dtype):
         segs = self._segments(module, calls)
@@ -197,13 +204,8 @@ class EmbeddingBagKernel(LayerKernel):
     def per_example_grads(self, module, calls, batch_size, names):
         if "weight" not in names:
             return {}
-        V = module.weight.shape[0]
-        G = module.weight.new_zeros(batch_size, *module.weight.shape)
-        flat = G.view(batch_size * V, -1)
-        for c in calls:
-            ex, ids, D = self._entries(module, c)
-            flat.index_add_(0, ex * V + ids, D.to(G.dtype))
-        return {"weight": G}
+        entries = [self._entries(module, c) for c in calls]
+        return {"weight": _scatter_per_example(module.weight, batch_size, entries)}
 
     def gram(self, module, calls, batch_size, names, dtype):
         if "weight" not in names or module.weight.device.type != "cpu":
