@@ -619,10 +619,12 @@ class GradGuard:
                                     _ridge(self.source.raw_gram, self.lam,
                                            relative=self.relative_lam)[0])
             gnq_raw = self.source.share_rows(gnq_raw, own)
-            lam = lam + self.source.noise_ridge()
-            lam_logged = lam_logged + self.source.noise_ridge()
+            noise_ridge = self.source.noise_ridge()
+            lam, lam_logged = lam + noise_ridge, lam_logged + noise_ridge
         # (K was formed here from per-example gradients and checked for NaN/Inf above)
         gnq = self.source.share_rows(gnq_from_gram(K, lam, validate=False), rows)
+        if gnq_raw is None:  # nothing clipped: the raw GNQ is the one before the policy acts
+            gnq_raw = gnq
         # ---- decide
         decision = self.rule.decide(K=K, gnq=gnq, lam=lam, indices=indices, ledger=self.ledger,
                                     rows=rows)
@@ -653,7 +655,7 @@ class GradGuard:
             # A hard cap: an example whose bound reached the budget is censored.
             self.ledger.censor(indices, where=self.ledger.bound(indices) >= self.budget)
         self.last_gnq, self.last_weights, self.last_indices = gnq, weights, indices
-        self.last_gnq_raw = gnq if gnq_raw is None else gnq_raw
+        self.last_gnq_raw = gnq_raw
         self.last_lam = lam_logged
         if self.sink is not None and self.step % self.log_every == 0:
             self._log_step()

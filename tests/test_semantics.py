@@ -466,3 +466,28 @@ def test_accumulation_without_declaring_it_warns():
     with pytest.warns(UserWarning, match="pass accumulation_steps=N"):
         opt.step()
     guard.close()
+
+
+def test_raw_gnq_is_the_gnq_before_the_policy_acted():
+    """cum_gnq_raw / max_gnq_raw are 'what an unprotected update would disclose': under
+    drop they keep the dropped examples' GNQ, while cum_gnq records the update applied."""
+    ds = make_data(n=8, seed=5)
+    model = make_mlp(seed=6)
+    reference = copy.deepcopy(model)
+    guard = gg.GradGuard(policy="drop", threshold=gg.Quantile(0.5), lam=LAM)
+    model, opt, _ = guard.make_guarded(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(ds, batch_size=8))
+    x, y = ds.tensors
+    guard.set_batch_indices(torch.arange(8))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    G = per_example_grads(reference, ce_sum, x, y)
+    raw = gnq_explicit(G, LAM)
+    torch.testing.assert_close(guard.ledger.cum_gnq_raw[:8], raw, rtol=1e-8, atol=0)
+    torch.testing.assert_close(guard.ledger.max_gnq_raw[:8], raw, rtol=1e-8, atol=0)
+    dropped = guard.last_weights == 0
+    assert bool(dropped.any())
+    assert bool((guard.ledger.cum_gnq[:8][dropped] == 0).all())
+    guard.close()
