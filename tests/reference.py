@@ -57,3 +57,13 @@ def per_example_loop_grads(model, loss_of, batch_size: int) -> torch.Tensor:
         rows.append(torch.cat([torch.zeros(p.numel(), dtype=p.dtype) if g is None
                                else g.reshape(-1) for p, g in zip(params, grads)]))
     return torch.stack(rows)
+
+
+def assert_same_run(ledger, reference_ledger, params, reference_params, **tolerance) -> None:
+    """An integration's guarded run equals a plain-loop reference: the ledger's per-example
+    fields and the trained parameters (``tolerance``: ``rtol``/``atol`` of assert_close)."""
+    for name in ("steps_seen", "cum_gnq", "max_gnq", "cum_bound", "last_step"):
+        torch.testing.assert_close(getattr(ledger, name), getattr(reference_ledger, name),
+                                   **tolerance)
+    for a, b in zip(params, reference_params, strict=True):
+        torch.testing.assert_close(a, b, **tolerance)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import gradguard as gg  # noqa: E402
 from gradguard.integrations.lightning import GradGuardCallback  # noqa: E402
-from tests.reference import ce_sum, gnq_explicit, per_example_grads  # noqa: E402
+from tests.reference import assert_same_run, ce_sum, gnq_explicit, per_example_grads  # noqa: E402
 
 N, BATCH, LR, LAM = 24, 6, 0.3, 1e-2
 
@@ -126,10 +126,7 @@ def test_drop_policy_matches_plain_loop(tmp_path, clip):
         opt.step()
     assert float(guard.summary()["dropped_total"]) > 0
     assert clip is None or max(norms) > clip, "the clip never acted: the test is vacuous"
-    for name in ("steps_seen", "cum_gnq", "max_gnq", "cum_bound", "last_step"):
-        torch.testing.assert_close(getattr(cb.guard.ledger, name), getattr(guard.ledger, name))
-    for a, b in zip(lit.net.parameters(), net.parameters()):
-        torch.testing.assert_close(a, b)
+    assert_same_run(cb.guard.ledger, guard.ledger, lit.net.parameters(), net.parameters())
     guard.close()
 
 
@@ -240,10 +237,7 @@ def test_accumulation_drop_policy_matches_plain_loop(tmp_path):
             opt.step()
     assert guard.step == cb.guard.step == 4
     assert float(guard.summary()["dropped_total"]) > 0
-    for name in ("steps_seen", "cum_gnq", "max_gnq", "cum_bound", "last_step"):
-        torch.testing.assert_close(getattr(cb.guard.ledger, name), getattr(guard.ledger, name))
-    for a, b in zip(lit.net.parameters(), net.parameters()):
-        torch.testing.assert_close(a, b)
+    assert_same_run(cb.guard.ledger, guard.ledger, lit.net.parameters(), net.parameters())
     guard.close()
 
 
@@ -333,10 +327,7 @@ def test_fp16_drop_policy_matches_plain_loop(tmp_path):
         scaler.update()
     assert guard.step == cb.guard.step == 2 * N // BATCH
     assert float(guard.summary()["dropped_total"]) > 0
-    for name in ("steps_seen", "cum_gnq", "max_gnq", "cum_bound", "last_step"):
-        torch.testing.assert_close(getattr(cb.guard.ledger, name), getattr(guard.ledger, name))
-    for a, b in zip(lit.net.parameters(), net.parameters()):
-        torch.testing.assert_close(a, b)
+    assert_same_run(cb.guard.ledger, guard.ledger, lit.net.parameters(), net.parameters())
     guard.close()
 
 
