@@ -67,3 +67,16 @@ def assert_same_run(ledger, reference_ledger, params, reference_params, **tolera
                                    **tolerance)
     for a, b in zip(params, reference_params, strict=True):
         torch.testing.assert_close(a, b, **tolerance)
+
+
+def gnq_push_through(G: torch.Tensor, lam: float) -> torch.Tensor:
+    """GNQ_j = (‖g_j‖² − vᵀ(λI + G₋ⱼG₋ⱼᵀ)⁻¹v)/λ, v = G₋ⱼ g_j: one explicit solve per example
+    in batch space (a P × P solve would not fit in memory at GPT-2's P)."""
+    out = []
+    for j in range(G.shape[0]):
+        others = torch.cat([G[:j], G[j + 1:]])
+        v = others @ G[j]
+        inner = torch.linalg.solve(lam * torch.eye(others.shape[0], dtype=G.dtype)
+                                   + others @ others.T, v)
+        out.append((G[j] @ G[j] - v @ inner) / lam)
+    return torch.stack(out)

@@ -39,7 +39,7 @@ from gradguard.integrations.huggingface import (  # noqa: E402
     GradGuardTrainer,
     per_example_loss,
 )
-from tests.reference import assert_same_run  # noqa: E402
+from tests.reference import assert_same_run, gnq_push_through  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -108,16 +108,6 @@ def _per_example_grads(model, data, indices, *, causal) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _gnq_push_through(G: torch.Tensor, lam: float) -> torch.Tensor:
-    """GNQ_j = (‖g_j‖² − g_jᵀ G₋ⱼᵀ (λI + G₋ⱼ G₋ⱼᵀ)⁻¹ G₋ⱼ g_j) / λ, one solve per example."""
-    out = []
-    for j in range(G.shape[0]):
-        others = torch.cat([G[:j], G[j + 1:]])
-        v = others @ G[j]
-        inner = torch.linalg.solve(lam * torch.eye(others.shape[0], dtype=G.dtype)
-                                   + others @ others.T, v)
-        out.append((G[j] @ G[j] - v @ inner) / lam)
-    return torch.stack(out)
 
 
 class RoutesAtFirstStep(TrainerCallback):
@@ -149,7 +139,7 @@ def test_first_step_gnq_matches_independent_reference(tmp_path, arch, strategy):
     idx = trainer.guard.last_indices
     assert idx.shape == (BATCH,)
     G = _per_example_grads(initial, data, idx, causal=causal)
-    torch.testing.assert_close(trainer.guard.last_gnq, _gnq_push_through(G, LAM),
+    torch.testing.assert_close(trainer.guard.last_gnq, gnq_push_through(G, LAM),
                                rtol=2e-4, atol=1e-6)
     # Which layers ran a ghost kernel (sequence Linear, Embedding) and which materialised.
     # At this toy size "auto" finds materialising cheaper for most layers; "ghost" forces
@@ -297,7 +287,7 @@ def test_accumulation_first_window_gnq_matches_independent_reference(tmp_path):
     window = [i for b in _examples(data, seen)[:2] for i in b]
     assert trainer.guard.last_indices.tolist() == window and len(window) == 2 * BATCH
     G = _per_example_grads(initial, data, torch.tensor(window), causal=True)
-    torch.testing.assert_close(trainer.guard.last_gnq, _gnq_push_through(G, LAM),
+    torch.testing.assert_close(trainer.guard.last_gnq, gnq_push_through(G, LAM),
                                rtol=2e-4, atol=1e-6)
 
 
@@ -392,7 +382,7 @@ def test_bf16_gnq_matches_independent_reference(tmp_path):
     trainer.train()
     assert dtypes == [torch.bfloat16]
     G = _per_example_grads(initial, data, trainer.guard.last_indices, causal=True)
-    torch.testing.assert_close(trainer.guard.last_gnq, _gnq_push_through(G, LAM),
+    torch.testing.assert_close(trainer.guard.last_gnq, gnq_push_through(G, LAM),
                                rtol=5e-2, atol=0)
 
 

@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from gradguard.uniqueness.gnq import gnq_from_gram  # noqa: E402
 from gradguard.uniqueness.hooks import GramHooks  # noqa: E402
-from tests.reference import ce_sum, per_example_grads  # noqa: E402
+from tests.reference import ce_sum, gnq_push_through, per_example_grads  # noqa: E402
 
 F64 = torch.float64
 transformers.logging.set_verbosity_error()
@@ -55,17 +55,6 @@ def brute_force_grads(model, ids) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def gnq_push_through(G: torch.Tensor, lam: float) -> torch.Tensor:
-    """GNQ_j = (‖g_j‖² − vᵀ(λI + G₋ⱼG₋ⱼᵀ)⁻¹v)/λ, v = G₋ⱼ g_j: one explicit solve per example
-    in batch space (a P × P solve would not fit in memory at GPT-2's P)."""
-    out = []
-    for j in range(G.shape[0]):
-        others = torch.cat([G[:j], G[j + 1:]])
-        v = others @ G[j]
-        inner = torch.linalg.solve(lam * torch.eye(others.shape[0], dtype=G.dtype)
-                                   + others @ others.T, v)
-        out.append((G[j] @ G[j] - v @ inner) / lam)
-    return torch.stack(out)
 
 
 def hooked_gram(model, ids, strategy) -> tuple[torch.Tensor, dict]:
