@@ -93,11 +93,6 @@ def test_conv1d_weighted_grads_match_brute_force():
     causal_loss(model(input_ids=ids, position_ids=torch.arange(9).expand_as(ids)).logits,
                 ids).backward()
     out = hooks.weighted_grads(w)
-    grads = {p: p.grad.clone() for p in model.parameters()}
-    for p in grads:
-        p.grad.zero_()
-    hooks.add_weighted_grads_(w)
-    added = {p: p.grad.clone() for p in model.parameters()}
     hooks.remove()
     G = brute_force_grads(model, ids)
     ref = w @ G
@@ -108,7 +103,6 @@ def test_conv1d_weighted_grads_match_brute_force():
         start += n
         if "c_attn" in name or "c_fc" in name or "c_proj" in name:
             torch.testing.assert_close(out[p], expected, rtol=1e-9, atol=1e-10)
-            torch.testing.assert_close(added[p], expected, rtol=1e-9, atol=1e-10)
 
 
 class TiedLM(nn.Module):

@@ -679,21 +679,6 @@ class GramHooks:
             self._paused = False
         return out
 
-    def add_weighted_grads_(self, weights: torch.Tensor) -> None:
-        """``p.grad += Σ_j w_j g_j`` in place for every guarded parameter that has a
-        ``.grad`` (see :meth:`weighted_grads`); a few non-zero weights cost a rank-k update."""
-        calls, weights, jobs = self._weighted_jobs(weights)
-        self._paused = True
-        try:
-            for idx, names in jobs:
-                o = self._owners[idx]
-                grads = {n: _param(o, n).grad for n in names if _param(o, n).grad is not None}
-                if grads:
-                    o.kernel.add_weighted_grads(o.module, calls[idx], weights, list(grads),
-                                                grads)
-        finally:
-            self._paused = False
-
     def _weighted_jobs(self, weights: torch.Tensor):
         """The step's calls, ``weights`` with the loss-reduction scale folded in, and the
         (owner, parameter names) to reweight: solo parameters per owner, tied ones per use."""

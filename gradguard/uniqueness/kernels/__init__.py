@@ -7,8 +7,7 @@ the gradients Δ of the loss w.r.t. its outputs, for every call of the layer) in
   gradients, from a "ghost" formula where one exists;
 - ``per_example_grads``: the materialised per-example gradients [B, *p.shape];
 - ``weighted_grads``: Σ_j w_j g_j, the gradient of a reweighted loss, without
-  materialising anything where the layer is linear in its parameters
-  (``add_weighted_grads`` accumulates it into ``.grad`` in place);
+  materialising anything where the layer is linear in its parameters;
 - ``costs``: rough flop counts of the ghost and materialised routes, so the engine can
   take the cheaper one per layer and per step.
 

@@ -106,13 +106,6 @@ class LayerKernel:
         grads = self.per_example_grads(module, calls, weights.shape[0], names)
         return {n: torch.einsum("b,b...->...", weights.to(g.dtype), g) for n, g in grads.items()}
 
-    def add_weighted_grads(self, module: nn.Module, calls: Sequence[LayerCall],
-                           weights: torch.Tensor, names: Sequence[str],
-                           grads: dict[str, torch.Tensor]) -> None:
-        """``grads[n] += Σ_j w_j g_j`` in place (``grads``: the parameters' ``.grad``)."""
-        for n, g in self.weighted_grads(module, calls, weights, names).items():
-            grads[n].add_(g.reshape(grads[n].shape).to(grads[n].dtype))
-
     def costs(self, module: nn.Module, calls: Sequence[LayerCall], batch_size: int,
               names: Sequence[str]) -> tuple[float, float]:
         """(ghost cost, materialise cost); ``math.inf`` ghost cost means no ghost route."""
@@ -315,20 +308,6 @@ class _AffineKernel(LayerKernel):
         if b is not None:
             out["bias"] = b.reshape(-1)
         return out
-
-    def add_weighted_grads(self, module, calls, weights, names, grads):
-        segs = self._segs(module, calls)
-        g = grads.get("weight")
-        if (g is None or not g.is_contiguous() or ("bias" in names and grads.get("bias") is None)
-                or any(s.A.shape[2] != 1 or s.D.dtype != g.dtype for s in segs)):
-            return super().add_weighted_grads(module, calls, weights, names, grads)
-        # One group: accumulate D_wᵀ A straight into .grad (no [d_out, d_in] temporary).
-        for s in segs:
-            A, D = _weighted_rows(s, weights)
-            g.view(D.shape[3], A.shape[3]).addmm_(D.reshape(-1, D.shape[3]).T,
-                                                  A.reshape(-1, A.shape[3]))
-            if "bias" in names:
-                grads["bias"].add_(D.sum((0, 1, 2)))
 
     def costs(self, module, calls, batch_size, names):
         shapes = self.shapes(module, calls)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .base import LayerKernel, _AffineKernel, _nonzero_rows, _Segment
+from .base import _AffineKernel, _nonzero_rows, _Segment
 
 
 def _conv_pad(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -86,9 +86,6 @@ def unfold_conv_input(module: nn.Module, x: torch.Tensor, *,
 
 class ConvKernel(_AffineKernel):
     """``nn.Conv1d/2d/3d``: the linear kernel on unfolded patches, per group."""
-
-    # The conv's own backward kernel (weighted_grads below) beats unfolding the input.
-    add_weighted_grads = LayerKernel.add_weighted_grads
 
     def segments(self, module, calls):
         segs = []

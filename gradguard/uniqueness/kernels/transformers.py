@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import _CHUNK_ELEMENTS, LayerCall, LayerKernel, _Segment, _weighted_rows
+from .base import _CHUNK_ELEMENTS, LayerCall, LayerKernel, _Segment
 from .embedding import EmbeddingKernel
 from .linear import LinearKernel
 
@@ -60,15 +60,6 @@ class Conv1DKernel(LinearKernel):
             out["weight"] = out["weight"].T
         return out
 
-    def add_weighted_grads(self, module, calls, weights, names, grads):
-        g = grads.get("weight")
-        if g is None or ("bias" in names and grads.get("bias") is None):
-            return LayerKernel.add_weighted_grads(self, module, calls, weights, names, grads)
-        for s in self._segs(module, calls):  # Aᵀ D_w straight into the [d_in, d_out] .grad
-            A, D = _weighted_rows(s, weights)
-            g.addmm_(A.reshape(-1, A.shape[3]).to(g.dtype).T, D.reshape(-1, D.shape[3]).to(g.dtype))
-            if "bias" in names:
-                grads["bias"].add_(D.sum((0, 1, 2)).to(grads["bias"].dtype))
 
 
 _registered = False
