@@ -176,18 +176,20 @@ def dp_scalars(*, gnq_raw: torch.Tensor | None = None, eps: torch.Tensor | None 
         ``gnq_raw/{mean,p50,p95,max}``, ``dp/{eps_max,eps_mean,eps_run_rdp}`` (those it has
         data for).
     """
+    from .tensorboard import TAGS
+
     out: dict[str, torch.Tensor | float] = {}
     if gnq_raw is not None and gnq_raw.numel():
         g = gnq_raw.to(torch.float64)
         q = torch.quantile(g, torch.tensor([0.5, 0.95], dtype=torch.float64, device=g.device))
-        out.update({"gnq_raw/mean": g.mean(), "gnq_raw/p50": q[0], "gnq_raw/p95": q[1],
-                    "gnq_raw/max": g.max()})
+        out.update({TAGS["gnq_raw_mean"]: g.mean(), TAGS["gnq_raw_p50"]: q[0],
+                    TAGS["gnq_raw_p95"]: q[1], TAGS["gnq_raw_max"]: g.max()})
     if eps is not None:
         e = eps[torch.isfinite(eps)]
         if e.numel():
-            out.update({"dp/eps_max": e.max(), "dp/eps_mean": e.mean()})
+            out.update({TAGS["eps_max"]: e.max(), TAGS["eps_mean"]: e.mean()})
     if eps_run is not None:
-        out["dp/eps_run_rdp"] = eps_run
+        out[TAGS["eps_run_rdp"]] = eps_run
     return out
 
 

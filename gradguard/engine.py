@@ -41,6 +41,7 @@ from .loader import IndexTrackingLoader, track_indices
 from .optimizer import GuardedOptimizer
 from .policies import Policy, Quantile, make_policy
 from .sources import DistributedGramSource, GramSource, gram_source_for, is_dp_optimizer
+from .tensorboard import TAGS
 from .uniqueness.gnq import gnq_from_gram, resolve_lam
 from .validation import check_int
 
@@ -515,7 +516,7 @@ class GradGuard:
         if self.on_nonfinite == "skip":
             self.skipped_nonfinite += 1
             if self.sink is not None:
-                self.sink.log_scalars({"policy/skipped_nonfinite": self.skipped_nonfinite},
+                self.sink.log_scalars({TAGS["skipped_nonfinite"]: self.skipped_nonfinite},
                                       self.step)
             optimizer.original_optimizer.zero_grad(set_to_none=True)
             self.source.clear()
@@ -769,9 +770,9 @@ class GradGuard:
                            lam=self.last_lam, policy_stats=stats)
         from .dp import dp_scalars
 
-        scalars = {"time/guard_seconds": self.guard_seconds}
+        scalars = {TAGS["guard_seconds"]: self.guard_seconds}
         if self.rule.acts:
-            scalars["policy/realised_rate"] = self.rule.last_rate
+            scalars[TAGS["realised_rate"]] = self.rule.last_rate
         if self.source.name == "opacus":
             accountant = self._accountant
             scalars.update(dp_scalars(

@@ -47,10 +47,15 @@ TAGS: dict[str, str] = {name: TAG_PREFIX + tag for name, tag in {
     "disclosure_max": "disclosure/max", "disclosure_mean": "disclosure/mean",
     "dropped": "policy/dropped", "clipped": "policy/clipped",
     "censored_total": "policy/censored_total",
+    "realised_rate": "policy/realised_rate", "skipped_nonfinite": "policy/skipped_nonfinite",
     # cumulative counts of example-steps, as the engine passes them in policy_stats
     "dropped_total": "policy/dropped_total", "clipped_total": "policy/clipped_total",
     "top_disclosing_text": "top_disclosing",
-    "lam": "lam",
+    "lam": "lam", "guard_seconds": "time/guard_seconds",
+    # under DP-SGD: what an unprotected update would disclose, and individual ε
+    "gnq_raw_mean": "gnq_raw/mean", "gnq_raw_p50": "gnq_raw/p50", "gnq_raw_p95": "gnq_raw/p95",
+    "gnq_raw_max": "gnq_raw/max", "eps_max": "dp/eps_max", "eps_mean": "dp/eps_mean",
+    "eps_run_rdp": "dp/eps_run_rdp",
     # then the curvature probe: DESIGN §6's three scalars, and the probe's details under
     # probe/, which TensorBoard's alphabetical Time Series puts after gnq/ and policy/
     # (histograms come one card per run, and led the page when they were curvature/*).
