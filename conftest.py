@@ -5,6 +5,7 @@ import importlib.util
 _EXTRAS = {
     "gradguard/integrations/lightning.py": ("lightning",),
     "gradguard/integrations/huggingface.py": ("transformers",),
+    "gradguard/uniqueness/kernels/transformers.py": ("transformers",),
     "gradguard/experiments/*.py": ("sklearn", "matplotlib"),
 }
 
