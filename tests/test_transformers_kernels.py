@@ -151,6 +151,26 @@ def test_tied_gram_over_micro_batches():
     torch.testing.assert_close(K, G @ G.T, rtol=1e-9, atol=1e-10)
 
 
+def test_materialised_gram_in_blocks_over_micro_batches(monkeypatch):
+    """The materialised route forms per-example gradients a few output features at a time
+    (here 7 elements per block, so every layer takes several uneven blocks), over two
+    micro-batches, GPT-2's transposed Conv1D and the tied embedding/head included."""
+    from gradguard.uniqueness.kernels import base
+
+    monkeypatch.setattr(base, "_MATERIALISE_BLOCK_ELEMENTS", 7)
+    seed = fresh_seed()
+    model = tiny_gpt2(seed)
+    ids = torch.randint(0, 97, (5, 6), generator=torch.Generator().manual_seed(seed))
+    hooks = GramHooks(model, loss_reduction="sum", strategy="materialise")
+    for part in (ids[:2], ids[2:]):
+        causal_loss(model(input_ids=part).logits, part).backward()
+    K, routes = hooks.gram(), hooks.layer_routes()
+    hooks.remove()
+    assert set(routes.values()) == {"materialise"}
+    G = brute_force_grads(model, ids)
+    torch.testing.assert_close(K, G @ G.T, rtol=1e-9, atol=1e-9)
+
+
 def test_conv1d_alone_with_bias_on_vectors_and_sequences():
     seed = fresh_seed()
     torch.manual_seed(seed)

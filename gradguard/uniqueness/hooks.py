@@ -613,20 +613,15 @@ class GramHooks:
                 elif self._use_ghost(o, calls[idx], batch, names):
                     K += o.kernel.gram(o.module, calls[idx], batch, names, self.gram_dtype)
                 else:
-                    grads = o.kernel.per_example_grads(o.module, calls[idx], batch, names)
-                    if grads:
-                        K += _gram_of(grads.values(), batch, self.gram_dtype)
+                    K += o.kernel.materialised_gram(o.module, calls[idx], batch, names,
+                                                    self.gram_dtype)
             for uses in tied.values():
                 if self._tied_ghost(uses, calls, batch):
                     K += tied_embedding_head_gram(self._tied_uses(uses, calls), batch,
                                                   self.gram_dtype)
                     continue
-                g = None
-                for idx, n, _ in uses:
-                    o = self._owners[idx]
-                    part = o.kernel.per_example_grads(o.module, calls[idx], batch, [n])[n]
-                    g = part if g is None else g + part
-                K += _gram_of([g], batch, self.gram_dtype)
+                K += _gram_of([self._tied_per_example_grads(uses, calls, batch)], batch,
+                              self.gram_dtype)
         finally:
             self._paused = False
         if self._scale != 1:
@@ -634,6 +629,22 @@ class GramHooks:
         # Layer Grams formed in float32 (chunked einsums) are symmetric only to rounding,
         # and gnq_from_gram refuses asymmetry beyond float64's: a Gram is symmetric.
         return (K + K.T) / 2
+
+    def _tied_per_example_grads(self, uses, calls, batch: int) -> torch.Tensor:
+        """Per-example gradients of a weight used by several layers: the sum of its uses'.
+        Embedding uses scatter their rows into the others' sum in place (a tied LM head's
+        [B, V, E] is not allocated twice)."""
+        g = None
+        embedding_last = sorted(uses, key=lambda u: isinstance(self._owners[u[0]].kernel,
+                                                               EmbeddingKernel))
+        for idx, n, _ in embedding_last:
+            o = self._owners[idx]
+            if g is not None and isinstance(o.kernel, EmbeddingKernel) and g.is_contiguous():
+                o.kernel.add_per_example_grads(o.module, calls[idx], batch, out=g)
+                continue
+            part = o.kernel.per_example_grads(o.module, calls[idx], batch, [n])[n]
+            g = part if g is None else g + part
+        return g
 
     def per_example_grads(self) -> dict[nn.Parameter, torch.Tensor]:
         """Materialised per-example gradients ``{param: [B, *param.shape]}`` (for checks)."""
@@ -649,10 +660,7 @@ class GramHooks:
                     for n, g in grads.items():
                         out[_param(o, n)] = g
             for uses in tied.values():
-                for idx, n, p in uses:
-                    o = self._owners[idx]
-                    g = o.kernel.per_example_grads(o.module, calls[idx], batch, [n])[n]
-                    out[p] = g if p not in out else out[p] + g
+                out[uses[0][2]] = self._tied_per_example_grads(uses, calls, batch)
         finally:
             self._paused = False
         if self._scale != 1:

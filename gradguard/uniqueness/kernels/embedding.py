@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+from torch import nn
 
-from .base import _CHUNK_ELEMENTS, LayerKernel, _nonzero_rows
+from .base import _CHUNK_ELEMENTS, LayerCall, LayerKernel, _nonzero_rows
 
 
-def _scatter_per_example(weight: torch.Tensor, batch_size: int, entries) -> torch.Tensor:
+def _scatter_per_example(weight: torch.Tensor, batch_size: int, entries,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example gradients ``[B, V, E]`` of an embedding table from (example, token id,
-    output gradient) entries: one scatter per call into row (example, id) of a [B·V, E] view."""
+    output gradient) entries: one scatter per call into row (example, id) of a [B·V, E] view
+    (of ``out`` when given, added in place: a tied LM head's gradients, without a second
+    B × V × E buffer)."""
     V = weight.shape[0]
-    G = weight.new_zeros(batch_size, *weight.shape)
+    G = weight.new_zeros(batch_size, *weight.shape) if out is None else out
     flat = G.view(batch_size * V, -1)
     for ex, ids, D in entries:
         flat.index_add_(0, ex * V + ids, D.to(G.dtype))
@@ -48,11 +53,17 @@ class EmbeddingKernel(LayerKernel):
     def per_example_grads(self, module, calls, batch_size, names):
         if "weight" not in names:
             return {}
+        return {"weight": self.add_per_example_grads(module, calls, batch_size)}
+
+    def add_per_example_grads(self, module: nn.Module, calls: Sequence[LayerCall],
+                              batch_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-example weight gradients ``[B, V, E]``, added in place to ``out`` if given
+        (a contiguous ``[B, V, E]`` tensor: the other use of a tied weight)."""
         entries = []
         for ids, D, off in self._segments(module, calls):
             ex = torch.arange(off, off + ids.shape[0], device=ids.device)[:, None].expand_as(ids)
             entries.append((ex.reshape(-1), ids.reshape(-1), D.reshape(-1, D.shape[-1])))
-        return {"weight": _scatter_per_example(module.weight, batch_size, entries)}
+        return _scatter_per_example(module.weight, batch_size, entries, out)
 
     def gram(self, module, calls, batch_size, names, dtype):
         segs = self._segments(module, calls)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import _AffineKernel, _Segment
+from .base import _AffineKernel, _Segment, _segments_bias_grads, _segments_materialised_gram
 
 
 def _batch_first_3d(x: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
@@ -34,3 +34,15 @@ class LinearKernel(_AffineKernel):
             D = delta.reshape(A.shape[0], A.shape[1], -1)
             segs.append(_Segment(A.unsqueeze(2), D.unsqueeze(2), c.offset))
         return segs
+
+    def materialised_gram(self, module, calls, batch_size, names, dtype):
+        # From the segments in their own [d_out, d_in] layout, a block of output features
+        # at a time: a transposed weight (GPT-2's Conv1D) needs no copy.
+        segs = self._segs(module, calls)
+        K = torch.zeros(batch_size, batch_size, dtype=dtype, device=segs[0].A.device)
+        if "weight" in names:
+            K += _segments_materialised_gram(segs, batch_size, dtype)
+        if "bias" in names:
+            b = _segments_bias_grads(segs, batch_size).reshape(batch_size, -1).to(dtype)
+            K.addmm_(b, b.T)
+        return K
