@@ -78,13 +78,47 @@ def test_sketched_gram_is_unbiased(name):
     assert bool(((mean - exact).abs() <= 5 * stderr + 1e-9 * exact.abs().max()).all())
 
 
+class _TiedLM(nn.Module):
+    """Embedding → tanh → LM head tied to the embedding, with a padding id."""
+
+    def __init__(self, vocab: int, dim: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def test_sketched_tied_embedding_head_gram_is_unbiased():
+    """The tied weight is sketched as one matrix (head and embedding in one projected space);
+    the mean over seeds converges to the exact Gram of the summed per-example gradients."""
+    torch.manual_seed(fresh_seed())
+    model = _TiedLM(13, 6).to(F64)
+    ids, y = torch.randint(0, 13, (5, 4)), torch.randint(0, 13, (5, 4))
+    G = per_example_grads(model, ce_sum, ids, y)
+    exact = G @ G.T
+    draws = []
+    base = fresh_seed()
+    for k in range(300):
+        K, routes = sketched_gram(model, ids, y, sketch_dim=40, seed=base + k)
+        draws.append(K)
+    assert routes == {"emb.weight (tied)": "sketch", "head.weight (tied)": "sketch"}
+    draws = torch.stack(draws)
+    mean, stderr = draws.mean(0), draws.std(0) / draws.shape[0] ** 0.5
+    assert float(draws.std(0).max()) > 0
+    assert bool(((mean - exact).abs() <= 5 * stderr + 1e-9 * exact.abs().max()).all())
+
+
 def test_sketch_sides_respect_the_budget():
     @settings(max_examples=200, deadline=None)
     @given(d_in=st.integers(1, 5000), d_out=st.integers(1, 5000), m=st.integers(1, 70000))
     def check(d_in, d_out, m):
-        k_in, k_out, r = sketch_sides(d_in, d_out, m)
-        assert 1 <= k_in <= d_in and 1 <= k_out <= d_out and r >= 1
-        assert k_in * k_out * r <= max(m, 1)
+        for positions in (1, 5, 64, 700):
+            k_in, k_out, r = sketch_sides(d_in, d_out, m, positions)
+            assert 1 <= k_in <= d_in and 1 <= k_out <= d_out and r >= 1
+            assert k_in * k_out * r <= max(m, 1)
     check()
 
 

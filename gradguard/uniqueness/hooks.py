@@ -41,6 +41,8 @@ from .kernels.sketch import (
     can_sketch,
     sketch_costs,
     sketched_gram,
+    sketched_tied_gram,
+    tied_sketch_costs,
 )
 from .provenance import MERGED, BatchTracker, SharedOutput, UnsupportedLayerError
 
@@ -193,6 +195,7 @@ class GramHooks:
         self._grad_after_backward: dict[int, tuple[weakref.ref, int]] = {}
         self._uniform_scale = True
         self._workspaces: dict[tuple[int, int], dict] = defaultdict(dict)
+        self._projections: dict = {}  # sketch projections, drawn once per seed, layer, shape
         self._paused = False
         self._attach()
 
@@ -439,6 +442,7 @@ class GramHooks:
         self._handles.clear()
         self.clear()
         self._workspaces.clear()
+        self._projections.clear()
 
     @contextlib.contextmanager
     def paused(self):
@@ -569,14 +573,24 @@ class GramHooks:
         return [(self._owners[idx].module, self._owners[idx].kernel, calls[idx])
                 for idx, _, _ in uses]
 
-    def _tied_ghost(self, uses, calls, batch: int) -> bool:
-        """Whether a tied weight (an embedding and its LM head) takes its ghost Gram."""
+    def _tied_route(self, uses, calls, batch: int) -> str:
+        """``"sketch"``, ``"ghost"`` or ``"materialise"`` for a weight shared by several layers
+        (an embedding and its LM head have the first two; other sharings materialise)."""
+        tied = self._tied_uses(uses, calls)
         if self.strategy == "materialise":
-            return False
-        ghost, materialise = tied_embedding_head_costs(self._tied_uses(uses, calls), batch)
-        if ghost == float("inf"):
-            return False
-        return self.strategy == "ghost" or ghost <= materialise
+            return "materialise"
+        ghost, materialise = tied_embedding_head_costs(tied, batch)
+        if self.strategy in ("sketch", "auto") and ghost != float("inf") and \
+                uses[0][2].numel() > self.sketch_dim:
+            if self.strategy == "sketch":
+                return "sketch"
+            cost, backward = tied_sketch_costs(tied, self.sketch_dim)
+            if min(ghost, materialise) > AUTO_SKETCH_MULTIPLE * backward and cost < ghost and \
+                    cost < materialise:
+                return "sketch"
+        if ghost != float("inf") and (self.strategy == "ghost" or ghost <= materialise):
+            return "ghost"
+        return "materialise"
 
     def _use_sketch(self, owner: _Owner, calls, batch: int, names) -> bool:
         if self.strategy not in ("sketch", "auto") or not can_sketch(
@@ -609,14 +623,22 @@ class GramHooks:
                 if self._use_sketch(o, calls[idx], batch, names):
                     K += sketched_gram(o.kernel, o.module, calls[idx], batch, names,
                                        self.gram_dtype, sketch_dim=self.sketch_dim,
-                                       seed=self.sketch_seed, key=o.path)
+                                       seed=self.sketch_seed, key=o.path,
+                                       cache=self._projections)
                 elif self._use_ghost(o, calls[idx], batch, names):
                     K += o.kernel.gram(o.module, calls[idx], batch, names, self.gram_dtype)
                 else:
                     K += o.kernel.materialised_gram(o.module, calls[idx], batch, names,
                                                     self.gram_dtype)
             for uses in tied.values():
-                if self._tied_ghost(uses, calls, batch):
+                route = self._tied_route(uses, calls, batch)
+                if route == "sketch":
+                    K += sketched_tied_gram(self._tied_uses(uses, calls), batch, self.gram_dtype,
+                                            sketch_dim=self.sketch_dim, seed=self.sketch_seed,
+                                            key=self._owners[uses[0][0]].path + ".tied",
+                                            cache=self._projections)
+                    continue
+                if route == "ghost":
                     K += tied_embedding_head_gram(self._tied_uses(uses, calls), batch,
                                                   self.gram_dtype)
                     continue
@@ -739,7 +761,7 @@ class GramHooks:
                 routes[o.path] = "ghost" if self._use_ghost(o, calls[idx], batch, names) \
                     else "materialise"
         for uses in tied.values():
-            route = "ghost" if self._tied_ghost(uses, calls, batch) else "materialise"
+            route = self._tied_route(uses, calls, batch)
             for idx, n, _ in uses:
                 routes[f"{self._owners[idx].path}.{n} (tied)"] = route
         return routes

@@ -24,11 +24,13 @@ Spearman against exact GNQ was 0.84–0.98 on the MLP/CNN/one-layer models, wher
 GNQs of random examples differ little from each other; the ≥ 0.95 target is met on the
 GPT-2 and Llama shapes (tested in ``tests/test_sketch.py``), not on those.
 
-Projections are regenerated on the layer's device every step from a ``torch.Generator``
-seeded by (seed, layer path, shape): nothing P × m is stored, a resumed run and every
-DDP rank draw the same matrices. Biases (Σ_t δ_it, cheap) are added exactly; layers
-without an affine structure (norms, embeddings, ``nn.MultiheadAttention``), weights tied
-between layers (an embedding and its LM head) and affine layers no larger than the sketch
+Projections are drawn on the layer's device from a ``torch.Generator`` seeded by (seed,
+layer path, shape), so a resumed run and every DDP rank draw the same matrices. Only the
+Kronecker factors exist (k × d_in and k × d_out per layer, nothing P × m); the hooks keep
+them between steps, since drawing them costs more than applying them. Biases (Σ_t δ_it,
+cheap) are added exactly. A weight tied between an embedding and its LM head is sketched
+as one matrix (:func:`sketched_tied_gram`). Layers without an affine structure (norms,
+untied embeddings, ``nn.MultiheadAttention``) and affine layers no larger than the sketch
 keep their exact routes, their Grams added exactly.
 """
 
@@ -44,7 +46,8 @@ from torch import nn
 from .base import LayerCall, LayerKernel, _AffineKernel, _Segment, _segments_bias_grads
 
 __all__ = ["DEFAULT_SKETCH_DIM", "AUTO_SKETCH_MULTIPLE", "sketch_projection", "sketch_sides",
-           "sketch_rows", "sketched_gram", "can_sketch", "sketch_costs"]
+           "sketch_rows", "sketched_gram", "can_sketch", "sketch_costs", "sketched_tied_gram",
+           "tied_sketch_costs"]
 
 #: Per-layer sketch size (64 blocks of 16 × 16). Chosen on an MLP and a CNN (B = 32, 128);
 #: measured on GPT-2-/Llama-shaped models it was not tuned on (tests/test_sketch.py).
@@ -61,25 +64,32 @@ AUTO_SKETCH_MULTIPLE = 4.0
 _BLOCKS = 64
 
 
-def sketch_sides(d_in: int, d_out: int, sketch_dim: int) -> tuple[int, int, int]:
+def sketch_sides(d_in: int, d_out: int, sketch_dim: int, positions: int = 1
+                 ) -> tuple[int, int, int]:
     """(k_in, k_out, blocks): ``blocks`` independent k_out × k_in sketches, k_in·k_out·blocks
-    ≤ ``sketch_dim``.
+    ≤ ``sketch_dim``, for a layer applied at ``positions`` positions per example (tokens,
+    conv patches; 1 for a layer on vectors).
 
     A side no larger than a block's side is kept whole (projected by the identity, exact
     on that side) and the other side takes the whole budget; otherwise both sides are
-    projected in ``_BLOCKS`` square blocks.
-    Many small independent blocks beat one large Kronecker block of the same size: a
-    per-example gradient of a layer on vectors is rank one, δ aᵀ, and one block's estimate of
-    its norm², ‖P_out δ‖²‖P_in a‖², has relative variance ≈ 2/k_in + 2/k_out, while the
-    average of r blocks divides it by r.
+    projected in square blocks. Why blocks: a per-example gradient of a layer on vectors
+    is rank one, δ aᵀ, and one block's estimate of its norm², ‖P_out δ‖²‖P_in a‖², has
+    relative variance ≈ 2/k_in + 2/k_out, which the average of r blocks divides by r. A
+    gradient summed over T positions pointing different ways averages that excess itself,
+    as T blocks would, so sequences take ``_BLOCKS // positions`` blocks (one from 64
+    positions): for the same ``sketch_dim`` the projection then costs √blocks times less
+    per token, k·(d_in + d_out) flops with k = √sketch_dim.
 
     Example:
         >>> sketch_sides(1024, 4096, 4096), sketch_sides(8, 4096, 4096)
         ((8, 8, 64), (8, 512, 1))
+        >>> sketch_sides(1024, 4096, 4096, positions=128)
+        (64, 64, 1)
     """
     if sketch_dim < 1:
         raise ValueError(f"sketch_dim must be a positive integer, got {sketch_dim}")
-    side = max(1, math.isqrt(sketch_dim // _BLOCKS))  # block side for _BLOCKS blocks
+    blocks = max(1, _BLOCKS // max(1, positions))
+    side = max(1, math.isqrt(sketch_dim // blocks))  # block side for that many blocks
     if d_in <= side or d_out <= side:  # keep the small side whole, project the other
         if d_in <= d_out:
             return d_in, min(d_out, max(1, sketch_dim // d_in)), 1
@@ -110,8 +120,52 @@ def sketch_projection(*, rows: int, cols: int, seed: int, key: str, device: torc
     return P.to(dtype).div_(math.sqrt(scale_rows or rows))
 
 
+class _Projections:
+    """A layer's P_in ``[r·k_in, d_in]`` and P_out ``[r·k_out, d_out]`` (``None``: a side kept
+    whole), for the sides :func:`sketch_sides` picks."""
+
+    def __init__(self, d_in: int, d_out: int, positions: int, *, sketch_dim: int, seed: int,
+                 key: str, device: torch.device, dtype: torch.dtype, cache: dict | None = None):
+        self.k_in, self.k_out, self.r = sketch_sides(d_in, d_out, sketch_dim, positions)
+
+        def draw(rows, cols, side, scale):
+            spec = (seed, key + side, rows, cols, scale, str(device), dtype)
+            P = None if cache is None else cache.get(spec)
+            if P is None:
+                P = sketch_projection(rows=rows, cols=cols, seed=seed, key=key + side,
+                                      device=device, dtype=dtype, scale_rows=scale)
+                if cache is not None:
+                    cache[spec] = P
+            return P
+
+        self.P_in = None if self.k_in == d_in else draw(self.r * self.k_in, d_in, "/in",
+                                                        self.k_in)
+        self.P_out = None if self.k_out == d_out else draw(self.r * self.k_out, d_out, "/out",
+                                                           self.k_out)
+
+    def project_in(self, A: torch.Tensor) -> torch.Tensor:
+        return A if self.P_in is None else A @ self.P_in.T
+
+    def project_out(self, D: torch.Tensor) -> torch.Tensor:
+        return D if self.P_out is None else D @ self.P_out.T
+
+    def add_core_(self, R: torch.Tensor, A: torch.Tensor, D: torch.Tensor, offset: int) -> None:
+        """R[offset:offset + b] += Σ_t (P_out δ_t)(P_in a_t)ᵀ per block, from the projected
+        ``A`` ``[b, T, Gr, r·k_in]`` and ``D`` ``[b, T, Gr, r·k_out]``."""
+        b, T, groups = A.shape[:3]
+        A = A.reshape(b, T, groups, self.r, self.k_in).permute(0, 2, 3, 1, 4)
+        D = D.reshape(b, T, groups, self.r, self.k_out).permute(0, 2, 3, 4, 1)
+        R[offset:offset + b] += torch.matmul(D, A)  # [b, Gr, r, k_out, k_in]
+
+    def finish(self, R: torch.Tensor) -> torch.Tensor:
+        """The ``[B, m]`` sketch rows, blocks averaged (each block is unbiased on its own)."""
+        if self.r > 1:
+            R = R / math.sqrt(self.r)
+        return R.reshape(R.shape[0], -1)
+
+
 def sketch_rows(segs: Sequence[_Segment], batch_size: int, *, sketch_dim: int, seed: int,
-                key: str) -> torch.Tensor:
+                key: str, cache: dict | None = None) -> torch.Tensor:
     """Per-example sketched weight gradients, ``[B, m]``: per block r,
     Σ_t (P_outʳ δ_it)(P_inʳ a_it)ᵀ / √blocks, flattened.
 
@@ -121,27 +175,19 @@ def sketch_rows(segs: Sequence[_Segment], batch_size: int, *, sketch_dim: int, s
         sketch_dim: sketch size per group (k_in·k_out·blocks ≤ sketch_dim).
         seed: the sketch seed.
         key: names the layer (its path), so layers get independent projections.
+        cache: a dict that keeps the drawn projections between steps (they depend only on
+            the seed, the key and the shapes; drawing them costs more than using them).
     """
     s0 = segs[0]
-    d_in, d_out, groups = s0.A.shape[3], s0.D.shape[3], s0.A.shape[2]
-    k_in, k_out, r = sketch_sides(d_in, d_out, sketch_dim)
-    kw = dict(seed=seed, device=s0.A.device, dtype=s0.A.dtype)
-    P_in = None if k_in == d_in else sketch_projection(rows=r * k_in, cols=d_in,
-                                                       key=key + "/in", scale_rows=k_in, **kw)
-    P_out = None if k_out == d_out else sketch_projection(rows=r * k_out, cols=d_out,
-                                                          key=key + "/out", scale_rows=k_out,
-                                                          **kw)
-    R = s0.A.new_zeros(batch_size, groups, r, k_out, k_in)
+    groups = s0.A.shape[2]
+    proj = _Projections(s0.A.shape[3], s0.D.shape[3], min(s.A.shape[1] for s in segs),
+                        sketch_dim=sketch_dim, seed=seed, key=key, device=s0.A.device,
+                        dtype=s0.A.dtype, cache=cache)
+    R = s0.A.new_zeros(batch_size, groups, proj.r, proj.k_out, proj.k_in)
     for s in segs:
-        b, T = s.A.shape[:2]
-        A = s.A if P_in is None else s.A @ P_in.T  # [b, T, Gr, r·k_in]
-        D = s.D.to(A.dtype) if P_out is None else s.D.to(A.dtype) @ P_out.T
-        A = A.reshape(b, T, groups, r, k_in).permute(0, 2, 3, 1, 4)  # [b, Gr, r, T, k_in]
-        D = D.reshape(b, T, groups, r, k_out).permute(0, 2, 3, 4, 1)  # [b, Gr, r, k_out, T]
-        R[s.offset:s.offset + b] += torch.matmul(D, A)
-    if r > 1:
-        R /= math.sqrt(r)
-    return R.reshape(batch_size, -1)
+        A = proj.project_in(s.A)
+        proj.add_core_(R, A, proj.project_out(s.D.to(A.dtype)), s.offset)
+    return proj.finish(R)
 
 
 def can_sketch(kernel: LayerKernel, module: nn.Module, names: Sequence[str],
@@ -155,9 +201,11 @@ def can_sketch(kernel: LayerKernel, module: nn.Module, names: Sequence[str],
 def sketch_costs(kernel: _AffineKernel, module: nn.Module, calls: Sequence[LayerCall],
                  sketch_dim: int) -> tuple[float, float]:
     """(sketch cost, the layer's own backward cost) in rough flops."""
+    shapes = kernel.shapes(module, calls)
+    positions = min(sh[1] for sh in shapes)
     cost = backward = 0.0
-    for B, T, Gr, d_in, d_out in kernel.shapes(module, calls):
-        k_in, k_out, r = sketch_sides(d_in, d_out, sketch_dim)
+    for B, T, Gr, d_in, d_out in shapes:
+        k_in, k_out, r = sketch_sides(d_in, d_out, sketch_dim, positions)
         rows = B * T * Gr
         cost += rows * r * (d_in * k_in + d_out * k_out + k_in * k_out)
         backward += 2.0 * rows * d_in * d_out
@@ -166,12 +214,68 @@ def sketch_costs(kernel: _AffineKernel, module: nn.Module, calls: Sequence[Layer
 
 def sketched_gram(kernel: _AffineKernel, module: nn.Module, calls: Sequence[LayerCall],
                   batch_size: int, names: Sequence[str], dtype: torch.dtype, *, sketch_dim: int,
-                  seed: int, key: str) -> torch.Tensor:
+                  seed: int, key: str, cache: dict | None = None) -> torch.Tensor:
     """The layer's Gram with its weight sketched and its bias exact (``[B, B]``, ``dtype``)."""
     segs = kernel._segs(module, calls)
-    R = sketch_rows(segs, batch_size, sketch_dim=sketch_dim, seed=seed, key=key).to(dtype)
+    R = sketch_rows(segs, batch_size, sketch_dim=sketch_dim, seed=seed, key=key,
+                    cache=cache).to(dtype)
     K = R @ R.T
     if "bias" in names:
         b = _segments_bias_grads(segs, batch_size).reshape(batch_size, -1).to(dtype)
         K += b @ b.T
     return K
+
+
+def sketched_tied_gram(uses, batch_size: int, dtype: torch.dtype, *, sketch_dim: int, seed: int,
+                       key: str, cache: dict | None = None) -> torch.Tensor | None:
+    """The sketched Gram of a weight tied between an ``nn.Embedding`` and a bias-free
+    ``nn.Linear`` LM head (``[V, d]``), or ``None`` for other sharings.
+
+    The sketch is linear in the gradient, so the tied gradient's sketch is the sum of both
+    uses' sketches in one projected space: the head's as for any linear layer, the
+    embedding's Σ_t (P_out e_{id_t})(P_in δ_t)ᵀ, where P_out e_id is column ``id`` of
+    P_out (a gather: no V × d matrix per example, no V-wide product per token).
+    """
+    from .transformers import _tied_pair
+
+    pair = _tied_pair(uses)
+    if pair is None:
+        return None
+    (emb, ek, ec), (head, hk, hc) = pair
+    head_segs = hk._segs(head, hc)
+    emb_segs = ek._segments(emb, ec)
+    s0 = head_segs[0]
+    positions = min([s.A.shape[1] for s in head_segs] + [ids.shape[1] for ids, _, _ in emb_segs])
+    proj = _Projections(s0.A.shape[3], s0.D.shape[3], positions, sketch_dim=sketch_dim,
+                        seed=seed, key=key, device=s0.A.device, dtype=s0.A.dtype, cache=cache)
+    R = s0.A.new_zeros(batch_size, 1, proj.r, proj.k_out, proj.k_in)
+    for s in head_segs:
+        A = proj.project_in(s.A)
+        proj.add_core_(R, A, proj.project_out(s.D.to(A.dtype)), s.offset)
+    for ids, D, offset in emb_segs:  # out side: one-hot e_id; in side: the output gradient
+        A = proj.project_in(D.to(R.dtype)).unsqueeze(2)
+        if proj.P_out is None:
+            Dp = torch.nn.functional.one_hot(ids, s0.D.shape[3]).to(R.dtype)
+        else:
+            Dp = proj.P_out.T[ids]
+        proj.add_core_(R, A, Dp.unsqueeze(2), offset)
+    R = proj.finish(R).to(dtype)
+    return R @ R.T
+
+
+def tied_sketch_costs(uses, sketch_dim: int) -> tuple[float, float]:
+    """(sketch cost, the head's own backward cost) in rough flops for a tied embedding/head
+    weight (:func:`sketched_tied_gram`)."""
+    from .transformers import _tied_pair
+
+    (emb, ek, ec), (head, hk, hc) = _tied_pair(uses)
+    shapes = hk.shapes(head, hc)
+    emb_rows = sum(ids.numel() for ids, _, _ in ek._segments(emb, ec))
+    positions = min(sh[1] for sh in shapes)
+    cost = backward = 0.0
+    for B, T, _, d_in, d_out in shapes:
+        k_in, k_out, r = sketch_sides(d_in, d_out, sketch_dim, positions)
+        cost += B * T * r * (d_in * k_in + d_out * k_out + k_in * k_out)
+        backward += 2.0 * B * T * d_in * d_out
+    cost += emb_rows * r * (d_in * k_in + k_in * k_out)
+    return float(cost), float(backward)
