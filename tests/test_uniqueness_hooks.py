@@ -203,6 +203,31 @@ def test_frozen_parameters_are_excluded():
     assert rel_err(per_example_gnq(model, ce_sum, x, y), ref) <= 1e-9
 
 
+def test_fully_frozen_layers_capture_nothing():
+    """A LoRA-style frozen base layer next to a trainable adapter: GNQ is the adapter's, and
+    the frozen layer's inputs and output gradients are not held until the step."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+
+    class Adapted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base, self.down, self.up = nn.Linear(5, 7), nn.Linear(5, 2), nn.Linear(2, 7)
+            self.base.requires_grad_(False)
+
+        def forward(self, x):
+            return self.base(x) + self.up(self.down(x))
+
+    model = nn.Sequential(Adapted(), nn.Tanh(), nn.Linear(7, 3)).to(F64)
+    x, y = torch.randn(6, 4, 5, dtype=F64), torch.randint(0, 3, (6, 4))
+    hooks = GramHooks(model, loss_reduction="sum")
+    ce_sum(model(x), y).backward()
+    paths = {hooks._owners[idx].path for idx in hooks._calls}
+    assert paths == {"0.down", "0.up", "2"}
+    G = per_example_grads(model, ce_sum, x, y)
+    torch.testing.assert_close(hooks.gram(), G @ G.T, rtol=1e-9, atol=1e-10)
+    hooks.remove()
+
+
 def test_gradient_accumulation_over_micro_batches_is_one_logical_batch():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)

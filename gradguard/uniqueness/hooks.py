@@ -311,6 +311,8 @@ class GramHooks:
                     for o in outs:
                         if isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == batch:
                             tracker.mark_batched(o, 0)
+            if not any(self._guarded(p) for p in owner.params):
+                return  # frozen (a LoRA base layer): its A and Δ would be held for nothing
             call = LayerCall(args=_detach(args), kwargs=_detach(kwargs),
                              backprops=[None] * len(outs), offset=0, batch_size=batch,
                              out_template=_detach(output))
