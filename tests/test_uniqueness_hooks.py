@@ -217,12 +217,13 @@ def test_fully_frozen_layers_capture_nothing():
         def forward(self, x):
             return self.base(x) + self.up(self.down(x))
 
-    model = nn.Sequential(Adapted(), nn.Tanh(), nn.Linear(7, 3)).to(F64)
+    # the first layer is trainable, so the frozen layer's input and output carry gradient
+    model = nn.Sequential(nn.Linear(5, 5), Adapted(), nn.Tanh(), nn.Linear(7, 3)).to(F64)
     x, y = torch.randn(6, 4, 5, dtype=F64), torch.randint(0, 3, (6, 4))
     hooks = GramHooks(model, loss_reduction="sum")
     ce_sum(model(x), y).backward()
     paths = {hooks._owners[idx].path for idx in hooks._calls}
-    assert paths == {"0.down", "0.up", "2"}
+    assert paths == {"0", "1.down", "1.up", "3"}
     G = per_example_grads(model, ce_sum, x, y)
     torch.testing.assert_close(hooks.gram(), G @ G.T, rtol=1e-9, atol=1e-10)
     hooks.remove()
