@@ -287,6 +287,8 @@ class DistributedGramSource:
         self.inner = inner
         self.sync = sync
         self.is_main = sync.is_main
+        if sync.gnq_mode == "global" and isinstance(inner, HookGramSource):
+            inner.hooks.gram_only = False  # global GNQ gathers the per-example rows
 
     def __getattr__(self, name: str):
         if name.startswith("__") or "inner" not in self.__dict__:
@@ -326,4 +328,6 @@ def gram_source_for(module: nn.Module, optimizer, *, policy_acts: bool, **hook_k
     """The Gram source for this model and optimizer (Opacus's when it is a DPOptimizer)."""
     if is_dp_optimizer(optimizer):
         return OpacusGramSource(optimizer, policy_acts=policy_acts, module=module)
-    return HookGramSource(module, **hook_kwargs)
+    # A policy that never acts never asks for the update to be rebuilt: the hooks may keep
+    # only what the Gram needs (sketch rows of sketched layers).
+    return HookGramSource(module, gram_only=not policy_acts, **hook_kwargs)

@@ -35,11 +35,13 @@ from .kernels import (
     tied_embedding_head_gram,
 )
 from .kernels.base import _gram_of
+from .kernels.linear import condensed_rows
 from .kernels.sketch import (
     AUTO_SKETCH_MULTIPLE,
     DEFAULT_SKETCH_DIM,
     can_sketch,
     sketch_costs,
+    sketch_rows,
     sketched_gram,
     sketched_tied_gram,
     tied_sketch_costs,
@@ -137,6 +139,18 @@ class GramHooks:
             half precision are promoted).
         params: restrict the guarded parameters to these (default: every parameter with
             ``requires_grad``).
+        gram_only: promise that only :meth:`gram` will be asked (a monitor): layers on the
+            sketch route then keep only their sketch rows from the moment their output
+            gradient arrives, not their inputs and output gradients (long sequences,
+            gradient checkpointing). :meth:`per_example_grads` and :meth:`weighted_grads`
+            refuse such layers.
+
+    Memory: a linear layer (``nn.Linear``, GPT-2's ``Conv1D``) on the materialised route
+    whose per-example gradients are smaller than its captured inputs and output gradients
+    (sequences longer than about d_in·d_out/(d_in + d_out), LoRA adapters) keeps the
+    per-example gradients instead, formed as its output gradient arrives; its inputs and
+    output gradients are released right away. Every other layer holds its inputs and
+    output gradients until :meth:`clear`.
 
     Raises:
         ValueError: bad ``loss_reduction`` or ``strategy``.
@@ -156,7 +170,7 @@ class GramHooks:
     def __init__(self, module: nn.Module, *, loss_reduction: str = "mean", batch_first: bool = True,
                  strategy: str = "auto", gram_dtype: torch.dtype | None = None,
                  params: Iterable[nn.Parameter] | None = None, sketch_dim: int | None = None,
-                 sketch_seed: int = 0):
+                 sketch_seed: int = 0, gram_only: bool = False):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(
                 f"loss_reduction must be 'mean' or 'sum' (how your loss reduces over the batch), "
@@ -196,6 +210,8 @@ class GramHooks:
         self._uniform_scale = True
         self._workspaces: dict[tuple[int, int], dict] = defaultdict(dict)
         self._projections: dict = {}  # sketch projections, drawn once per seed, layer, shape
+        self.gram_only = bool(gram_only)
+        self._sketch_positions: dict[int, int] = {}  # per owner, this step's sketch layout
         self._paused = False
         self._attach()
 
@@ -226,6 +242,11 @@ class GramHooks:
         for p in self._all_params():
             if p.requires_grad:  # frozen now: never guarded, and hooks need requires_grad
                 self._handles.append(p.register_post_accumulate_grad_hook(self._mark_received))
+        uses: dict[int, int] = defaultdict(int)
+        for o in self._owners:
+            for p in o.params:
+                uses[id(p)] += 1
+        self._tied = {i for i, n in uses.items() if n > 1}
 
     def _all_params(self) -> list[nn.Parameter]:
         seen, out = set(), []
@@ -418,6 +439,14 @@ class GramHooks:
                 return  # summed over examples; the broadcast sum's gradient is taken instead
             # Stored unscaled: multiplying every output gradient by the batch size costs a
             # full copy per layer; _collect folds the scale into the results instead.
+            if call.condensed is not None:
+                owner = self._owners[idx]
+                raise UnsupportedLayerError(
+                    f"a second backward pass reached layer '{owner.path}' "
+                    f"({type(owner.module).__name__}) through a forward whose inputs gradguard "
+                    "already released (it kept the layer's per-example gradients, or their "
+                    "sketch, when the first output gradient arrived). Run one backward per "
+                    "forward, or pass strategy='ghost' so every capture is kept until the step.")
             g = grad.detach() if sign is None else grad.detach() * sign
             prev = call.backprops[k]
             call.backprops[k] = g if prev is None else prev + g
@@ -429,7 +458,83 @@ class GramHooks:
                 call.workspace = self._workspaces[(idx, len(self._calls[idx]))]
                 self._calls[idx].append((fid, call))
             self._collected = None
+            if sign is None and len(call.backprops) == 1:
+                self._maybe_condense(idx, call)
         return hook
+
+    # ------------------------------------------------------------------ condensing
+    def _condensable_names(self, idx: int, call: LayerCall) -> list[str]:
+        """The guarded names of a call that may be condensed (a linear layer, one output,
+        per-example, not sharing a parameter with another layer); else []."""
+        owner = self._owners[idx]
+        if not isinstance(owner.kernel, LinearKernel) or call.shared or \
+                call.hook_state.get("broadcast") or any(id(p) in self._tied for p in owner.params):
+            return []
+        return [n for n, p in zip(owner.names, owner.params) if self._guarded(p)]
+
+    def _maybe_condense(self, idx: int, call: LayerCall) -> None:
+        """Reduce the call to its per-example rows now, if its route allows and they are
+        smaller than the captures (see the class docstring, Memory)."""
+        names = self._condensable_names(idx, call)
+        if not names:
+            return
+        owner, b = self._owners[idx], call.batch_size
+        seg = owner.kernel.segments(owner.module, [call])[0]
+        captured = seg.A.numel() + seg.D.numel()
+        kind = size = None
+        if self._use_sketch(owner, [call], b, names):
+            if self.gram_only:  # else the update may be rebuilt from the captures: keep them
+                kind = "sketch"
+                size = b * seg.A.shape[2] * min(self.sketch_dim, seg.A.shape[3] * seg.D.shape[3])
+        elif self.strategy != "ghost" and not self._use_ghost(owner, [call], b, names):
+            kind, size = "materialise", b * seg.A.shape[2] * seg.A.shape[3] * seg.D.shape[3]
+        # The cost model cached the call's segment before _collect placed it in the batch.
+        call.extra.pop("affine_segment", None)
+        if kind is not None and size < captured:
+            self._condense(idx, call, names, kind)
+
+    def _condense(self, idx: int, call: LayerCall, names, kind: str) -> None:
+        owner = self._owners[idx]
+        call.args, call.backprops = _map_tensors(lambda t: _promote(t, self.gram_dtype),
+                                                 (call.args, call.backprops))
+        seg = owner.kernel.segments(owner.module, [call])[0]
+        sketch = None
+        if kind == "sketch":
+            positions = self._sketch_positions.setdefault(idx, seg.A.shape[1])
+
+            def sketch(s):
+                return sketch_rows([s], s.A.shape[0], sketch_dim=self.sketch_dim,
+                                   seed=self.sketch_seed, key=owner.path,
+                                   cache=self._projections, positions=positions)
+        call.condensed = {"kind": kind, "rows": condensed_rows(seg, names, sketch=sketch)}
+        call.args, call.kwargs, call.out_template = (), {}, None
+        call.backprops = [None] * len(call.backprops)
+
+    def _condensed_rows(self, idx: int, calls: list[LayerCall], batch: int,
+                        names) -> tuple[str, dict[str, torch.Tensor]] | None:
+        """(kind, {name: [B, n]}) when some call of the owner was condensed (the others are
+        condensed the same way now), else ``None``."""
+        kind = next((c.condensed["kind"] for c in calls if c.condensed is not None), None)
+        if kind is None:
+            return None
+        rows: dict[str, torch.Tensor] = {}
+        for c in calls:
+            if c.condensed is None:
+                self._condense(idx, c, names, kind)
+            for name, r in c.condensed["rows"].items():
+                if name not in rows:
+                    rows[name] = r.new_zeros(batch, r.shape[1])
+                rows[name][c.offset:c.offset + c.batch_size] += r
+        return kind, rows
+
+    def _refuse_sketched(self, idx: int, what: str):
+        raise RuntimeError(
+            f"{what} of layer '{self._owners[idx].path}' are not available: it is sketched and "
+            "the hooks kept only its sketch (GramHooks(gram_only=True), which GradGuard uses "
+            "under policy='monitor'). Rebuilding an update needs the captures: use "
+            "gram_only=False, a policy that acts, or, for virtual steps under monitor "
+            "(signal_skip_step), accumulate in the loop instead (no zero_grad between "
+            "micro-batches, accumulation_steps=N).")
 
     def _mark_received(self, p: torch.Tensor) -> None:
         if not self._paused:
@@ -458,6 +563,7 @@ class GramHooks:
     def clear(self) -> None:
         """Forget what was captured (call after each optimizer step)."""
         self._calls.clear()
+        self._sketch_positions.clear()
         self._received.clear()
         self._grad_after_backward.clear()
         self._collected = None
@@ -474,7 +580,7 @@ class GramHooks:
         if self._collected is not None:
             return self._collected
         with_grad = sorted({fid for calls in self._calls.values() for fid, c in calls
-                            if any(b is not None for b in c.backprops)})
+                            if _has_grad(c)})
         batch_of = {fid: c.batch_size for calls in self._calls.values() for fid, c in calls}
         offsets, total = {}, 0
         for fid in with_grad:
@@ -485,7 +591,7 @@ class GramHooks:
         for idx, calls in self._calls.items():
             kept = []
             for fid, c in calls:
-                if fid not in offsets or all(b is None for b in c.backprops):
+                if fid not in offsets or not _has_grad(c):
                     continue
                 for r in c.shared:
                     if r.resolution is None and c.backprops[r.k] is not None:
@@ -511,6 +617,9 @@ class GramHooks:
                     c.extra.clear()
                     if s != 1:
                         c.backprops = [None if b is None else b * s for b in c.backprops]
+                        if c.condensed is not None:
+                            c.condensed["rows"] = {k: v * s for k, v in
+                                                   c.condensed["rows"].items()}
                         c.captures = {k: _map_tensors(lambda t, s=s: t * s, v)
                                       for k, v in c.captures.items()}
         self._collected = (total, result)
@@ -622,7 +731,12 @@ class GramHooks:
                 if not names:
                     continue
                 o = self._owners[idx]
-                if self._use_sketch(o, calls[idx], batch, names):
+                condensed = self._condensed_rows(idx, calls[idx], batch, names)
+                if condensed is not None:
+                    for r in condensed[1].values():
+                        r = r.to(self.gram_dtype)
+                        K += r @ r.T
+                elif self._use_sketch(o, calls[idx], batch, names):
                     K += sketched_gram(o.kernel, o.module, calls[idx], batch, names,
                                        self.gram_dtype, sketch_dim=self.sketch_dim,
                                        seed=self.sketch_seed, key=o.path,
@@ -679,10 +793,18 @@ class GramHooks:
         try:
             for idx, names in solo.items():
                 o = self._owners[idx]
-                if names:
+                if not names:
+                    continue
+                condensed = self._condensed_rows(idx, calls[idx], batch, names)
+                if condensed is None:
                     grads = o.kernel.per_example_grads(o.module, calls[idx], batch, names)
-                    for n, g in grads.items():
-                        out[_param(o, n)] = g
+                elif condensed[0] == "sketch":
+                    self._refuse_sketched(idx, "per-example gradients")
+                else:
+                    grads = {n: o.kernel.from_rows(o.module, n, r)
+                             for n, r in condensed[1].items()}
+                for n, g in grads.items():
+                    out[_param(o, n)] = g
             for uses in tied.values():
                 out[uses[0][2]] = self._tied_per_example_grads(uses, calls, batch)
         finally:
@@ -698,12 +820,22 @@ class GramHooks:
         without a second backward pass and without per-example gradients.
         """
         calls, weights, jobs = self._weighted_jobs(weights)
+        batch = weights.shape[0]
         out: dict[nn.Parameter, torch.Tensor] = {}
         self._paused = True
         try:
             for idx, names in jobs:
                 o = self._owners[idx]
-                for n, g in o.kernel.weighted_grads(o.module, calls[idx], weights, names).items():
+                condensed = self._condensed_rows(idx, calls[idx], batch, names)
+                if condensed is None:
+                    grads = o.kernel.weighted_grads(o.module, calls[idx], weights, names)
+                elif condensed[0] == "sketch":
+                    self._refuse_sketched(idx, "weighted gradients")
+                else:  # Σ_j w_j g_j from the kept per-example rows
+                    grads = {n: o.kernel.from_rows(o.module, n,
+                                                   (weights.to(r.dtype) @ r).unsqueeze(0))[0]
+                             for n, r in condensed[1].items()}
+                for n, g in grads.items():
                     p = _param(o, n)
                     g = g.to(p.dtype)
                     out[p] = g if p not in out else out[p] + g
@@ -757,7 +889,11 @@ class GramHooks:
         routes = {}
         for idx, names in solo.items():
             o = self._owners[idx]
-            if names and self._use_sketch(o, calls[idx], batch, names):
+            kind = next((c.condensed["kind"] for c in calls[idx] if c.condensed is not None),
+                        None)
+            if names and kind is not None:
+                routes[o.path] = kind
+            elif names and self._use_sketch(o, calls[idx], batch, names):
                 routes[o.path] = "sketch"
             elif names:
                 routes[o.path] = "ghost" if self._use_ghost(o, calls[idx], batch, names) \
@@ -767,6 +903,10 @@ class GramHooks:
             for idx, n, _ in uses:
                 routes[f"{self._owners[idx].path}.{n} (tied)"] = route
         return routes
+
+
+def _has_grad(call: LayerCall) -> bool:
+    return call.condensed is not None or any(b is not None for b in call.backprops)
 
 
 def _param(owner: _Owner, name: str) -> nn.Parameter:

@@ -64,6 +64,10 @@ class LayerCall:
     batch_dims: tuple | None = None
     shared: list = field(default_factory=list)
     hook_state: dict = field(default_factory=dict)  # the hooks' bookkeeping, not the kernels'
+    #: set by the hooks when they reduced the call, as its output gradient arrived, to what
+    #: its Gram needs (``{"kind": "materialise" | "sketch", "rows": {name: [b, n]}}``) and
+    #: released its inputs and output gradients; kernels never see such a call.
+    condensed: dict | None = None
 
     @property
     def activation(self) -> torch.Tensor:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import _AffineKernel, _Segment, _segments_bias_grads, _segments_materialised_gram
+from .base import (
+    _AffineKernel,
+    _per_example_weight_grad,
+    _Segment,
+    _segments_bias_grads,
+    _segments_materialised_gram,
+)
 
 
 def _batch_first_3d(x: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
@@ -46,3 +52,23 @@ class LinearKernel(_AffineKernel):
             b = _segments_bias_grads(segs, batch_size).reshape(batch_size, -1).to(dtype)
             K.addmm_(b, b.T)
         return K
+
+    def from_rows(self, module, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Per-example gradients ``[B, *param.shape]`` from the flat rows of
+        :func:`condensed_rows` (weights in the ``[d_out, d_in]`` layout)."""
+        if name == "weight":
+            return rows.reshape(rows.shape[0], *self.weight_shape(module))
+        return rows.reshape(rows.shape[0], -1)
+
+
+def condensed_rows(seg: _Segment, names, *, sketch=None) -> dict[str, torch.Tensor]:
+    """One call's per-example rows, ``{name: [b, n]}``: the weight gradients flattened in the
+    ``[d_out, d_in]`` layout, or their sketch (``sketch(seg)``), and the bias gradients."""
+    b = seg.A.shape[0]
+    out = {}
+    if "weight" in names:
+        out["weight"] = (_per_example_weight_grad(seg).reshape(b, -1) if sketch is None
+                         else sketch(seg))
+    if "bias" in names:
+        out["bias"] = seg.D.sum(1).reshape(b, -1)
+    return out

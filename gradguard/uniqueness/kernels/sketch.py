@@ -165,7 +165,8 @@ class _Projections:
 
 
 def sketch_rows(segs: Sequence[_Segment], batch_size: int, *, sketch_dim: int, seed: int,
-                key: str, cache: dict | None = None) -> torch.Tensor:
+                key: str, cache: dict | None = None, positions: int | None = None
+                ) -> torch.Tensor:
     """Per-example sketched weight gradients, ``[B, m]``: per block r,
     Σ_t (P_outʳ δ_it)(P_inʳ a_it)ᵀ / √blocks, flattened.
 
@@ -177,10 +178,14 @@ def sketch_rows(segs: Sequence[_Segment], batch_size: int, *, sketch_dim: int, s
         key: names the layer (its path), so layers get independent projections.
         cache: a dict that keeps the drawn projections between steps (they depend only on
             the seed, the key and the shapes; drawing them costs more than using them).
+        positions: the positions that set the block layout (:func:`sketch_sides`); default
+            the fewest of any segment. Rows sketched separately must share it.
     """
     s0 = segs[0]
     groups = s0.A.shape[2]
-    proj = _Projections(s0.A.shape[3], s0.D.shape[3], min(s.A.shape[1] for s in segs),
+    if positions is None:
+        positions = min(s.A.shape[1] for s in segs)
+    proj = _Projections(s0.A.shape[3], s0.D.shape[3], positions,
                         sketch_dim=sketch_dim, seed=seed, key=key, device=s0.A.device,
                         dtype=s0.A.dtype, cache=cache)
     R = s0.A.new_zeros(batch_size, groups, proj.r, proj.k_out, proj.k_in)

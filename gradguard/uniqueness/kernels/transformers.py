@@ -60,6 +60,10 @@ class Conv1DKernel(LinearKernel):
             out["weight"] = out["weight"].T
         return out
 
+    def from_rows(self, module, name, rows):
+        out = super().from_rows(module, name, rows)
+        return out.transpose(1, 2) if name == "weight" else out
+
 
 
 _registered = False
