@@ -476,7 +476,7 @@ class GramHooks:
         """Reduce the call to its per-example rows now, if its route allows and they are
         smaller than the captures (see the class docstring, Memory)."""
         names = self._condensable_names(idx, call)
-        if not names:
+        if not names or call.batch_size == 0:
             return
         owner, b = self._owners[idx], call.batch_size
         seg = owner.kernel.segments(owner.module, [call])[0]
