@@ -525,32 +525,47 @@ class GradGuard:
             f"step {self.step + 1}: {message} Lower the learning rate or fix the data, or "
             "pass on_nonfinite='skip' to GradGuard to skip such steps.")
 
-    def _gram_nonfinite(self, K: torch.Tensor, indices: torch.Tensor) -> str | None:
-        ok = bool(torch.isfinite(K).all())  # one host sync (the diagonal is part of K)
-        ok = self.source.agree(ok)  # every rank skips (or raises) together
-        if ok:
-            return None
-        bad = indices[~torch.isfinite(torch.diagonal(K))].tolist()[:20]
-        empty = " The batch was empty: the mean loss of an empty batch is NaN (Poisson " \
-                "sampling draws empty batches); skip empty batches in the loop or use " \
-                "loss_reduction='sum'." if K.shape[0] == 0 else ""
-        return f"the loss or per-example gradients are NaN/Inf (dataset indices {bad}).{empty}"
+    def _nonfinite(self, K: torch.Tensor, indices: torch.Tensor, *,
+                   values: tuple[torch.Tensor, ...] = (),
+                   optimizer: GuardedOptimizer | None = None) -> str | None:
+        """``None`` when the step is finite, else what is not (or raise, see below).
 
-    def _grads_nonfinite(self, optimizer: GuardedOptimizer) -> str | None:
-        """Which parameters' final gradients (what the optimizer applies) are NaN/Inf."""
-        params = [p for p in optimizer.params if p.grad is not None]
-        # A tensor's sum is NaN/Inf when any entry is (or when finite entries sum past the
-        # dtype's range, which such an update would be no better off with); a sum is 20×
-        # cheaper than isfinite(g).all() or an inf-norm on CPU. One host sync for all.
-        finite = torch.isfinite(torch.stack([p.grad.sum() for p in params])) if params \
-            else torch.ones(0, dtype=torch.bool)
-        ok = bool(finite.all())
-        ok = self.source.agree(ok)
-        if ok:
+        One host synchronisation when all is well: a single read-back of whether the Gram
+        ``K``, the ``values`` solved from it (GNQ, NaN where K + λI did not factorise) and,
+        with ``optimizer``, the gradients about to be applied are all finite. Only a step
+        that fails reads more back, to say what failed.
+
+        Raises:
+            ValueError: K is finite but the values solved from it are not: K + λI did not
+                factorise (K is no positive semi-definite Gram).
+        """
+        params = [p for p in optimizer.params if p.grad is not None] \
+            if optimizer is not None else []
+        flags = [torch.isfinite(K).all(), *(torch.isfinite(v).all() for v in values)]
+        if params:
+            # A tensor's sum is NaN/Inf when any entry is (or when finite entries sum past
+            # the dtype's range, which such an update would be no better off with); a sum
+            # is 20× cheaper than isfinite(g).all() or an inf-norm on CPU.
+            sums = torch.isfinite(torch.stack([p.grad.sum().to(K.device) for p in params]))
+            flags.append(sums.all())
+        if self.source.agree(bool(torch.stack(flags).all())):
             return None
+        # ---- a failed step: every rank gets here together and asks the same questions.
+        if not self.source.agree(bool(flags[0])):
+            bad = indices[~torch.isfinite(torch.diagonal(K))].tolist()[:20]
+            empty = " The batch was empty: the mean loss of an empty batch is NaN (Poisson " \
+                    "sampling draws empty batches); skip empty batches in the loop or use " \
+                    "loss_reduction='sum'." if K.shape[0] == 0 else ""
+            return (f"the loss or per-example gradients are NaN/Inf (dataset indices {bad})."
+                    f"{empty}")
+        if not self.source.agree(all(bool(f) for f in flags[1:1 + len(values)])):
+            raise ValueError(
+                "the per-example gradient Gram K is finite but K + λI does not factorise: K is "
+                "not positive semi-definite beyond rounding, so GNQ would come out negative "
+                "or infinite. Check how K was formed, or use gram_dtype=torch.float64.")
         names = {id(p): n for n, p in unwrap_ddp(self.module).named_parameters()}
         where = [names.get(id(p), f"param {i}") for i, p in enumerate(params)
-                 if not bool(finite[i])][:10]
+                 if not bool(sums[i])][:10]
         return (f"the gradients about to be applied are NaN/Inf in {where}, while every "
                 "guarded per-example gradient is finite: the NaN/Inf comes from a loss term "
                 "outside the guarded layers (e.g. a penalty on the parameters) or from a "
@@ -593,9 +608,15 @@ class GradGuard:
         indices = self._indices_for(B, device)
         if B == 0 and not self.source.distributed:  # under DDP the other ranks still need this one
             return self._empty_step(optimizer, device)
-        message = self._gram_nonfinite(K, indices)
-        if message is not None:
-            return self._skip_or_raise(optimizer, message)
+        # The finiteness of K is read back once per step: under monitor together with GNQ
+        # and the gradients, at the end (no host sync before it); a policy, or Opacus's
+        # validated raw-Gram solve, reads GNQ on the host, so K is checked before.
+        checked_early = self.rule.acts or self.source.name == "opacus"
+        if checked_early:
+            message = self._nonfinite(K, indices)
+            if message is not None:
+                return self._skip_or_raise(optimizer, message)
+        K_local, local_indices = K, indices
         # own: this rank's examples in the global batch; rows: those K (hence the policy)
         # covers. From here on gnq, indices, weights span the global batch on every rank.
         shared = self.source.share_batch(K, indices)
@@ -621,7 +642,8 @@ class GradGuard:
             gnq_raw = self.source.share_rows(gnq_raw, own)
             noise_ridge = self.source.noise_ridge()
             lam, lam_logged = lam + noise_ridge, lam_logged + noise_ridge
-        # (K was formed here from per-example gradients and checked for NaN/Inf above)
+        # (K was formed here from per-example gradients: a Gram by construction. GNQ is NaN
+        # where K is not finite or K + λI does not factorise; checked before recording.)
         gnq = self.source.share_rows(gnq_from_gram(K, lam, validate=False), rows)
         if gnq_raw is None:  # nothing clipped: the raw GNQ is the one before the policy acts
             gnq_raw = gnq
@@ -641,7 +663,8 @@ class GradGuard:
         if self.rule.acts or (optimizer.accumulated_iterations > 1
                               and self.source.name == "hooks"):
             kept_any = self._apply(optimizer, weights[own])
-        message = self._grads_nonfinite(optimizer)
+        message = self._nonfinite(K_local, local_indices, values=(gnq, effective),
+                                  optimizer=optimizer)
         if message is not None:
             return self._skip_or_raise(optimizer, message)
         # ---- record
@@ -1012,7 +1035,9 @@ def _ridge(K: torch.Tensor, lam: float, *, relative: bool):
     effective GNQ 0 whatever the policy's weights), so λ = 1 stands in for the solve,
     while the reported λ is the formula's 0.
     """
-    if relative and not bool(torch.diagonal(K).sum() > 0):
-        return 1.0, 0.0
     resolved = resolve_lam(K, lam, relative=relative)
-    return resolved, resolved
+    if not relative:
+        return resolved, resolved
+    # On the device, without reading trace(K) back (no host sync).
+    some = torch.diagonal(K).sum() > 0
+    return torch.where(some, resolved, 1.0), torch.where(some, resolved, 0.0)

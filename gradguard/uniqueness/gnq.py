@@ -123,13 +123,17 @@ def gnq_from_gram(K: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
         lam: ridge λ > 0 (absolute, a number or a one-element tensor), or ρ when
             ``relative=True``.
         relative: use λ = ρ·trace(K)/B.
-        validate: check that K is finite, symmetric and positive semi-definite (two host
-            synchronisations and a second Cholesky factorisation). ``False`` is for Grams
-            gradguard formed itself from per-example gradients, already checked for
-            NaN/Inf: they are Gram matrices by construction.
+        validate: check that K is finite, symmetric and positive semi-definite and that
+            λ is valid (host synchronisations and a second Cholesky factorisation).
+            ``False`` is for Grams gradguard formed itself from per-example gradients:
+            nothing is read back to the host (no synchronisation on an accelerator) and
+            nothing is raised; a K that is not finite, or for which K + λI does not
+            factorise, gives NaN GNQ, so check ``torch.isfinite`` of the result before
+            using it (GradGuard folds that into its one finiteness check per step).
 
     Returns:
-        ``[B]`` float64 tensor on ``K``'s device, ≥ 0. A zero Gram gives exactly 0.
+        ``[B]`` float64 tensor on ``K``'s device, ≥ 0 (NaN only as said under
+        ``validate=False``). A zero Gram gives exactly 0.
 
     Raises:
         TypeError: ``K`` is not a tensor, or is bool or complex.
@@ -146,7 +150,7 @@ def gnq_from_gram(K: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
     """
     K = _as_float_gram(K)
     if isinstance(lam, torch.Tensor):
-        lam_value = _check_lam_tensor(lam)
+        lam_value = _check_lam_tensor(lam) if validate else lam.reshape(()).to(torch.float64)
     else:
         lam_value = resolve_lam(K, lam, relative=relative)
     B = K.shape[0]
@@ -157,11 +161,14 @@ def gnq_from_gram(K: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
     source_eps = torch.finfo(K.dtype).eps
     K = K.to(torch.float64)
     scale = torch.diagonal(K).max()
-    if not bool(scale > 0):
+    if validate and not bool(scale > 0):
         if bool(K.abs().max() > 0):
             raise ValueError("K has no positive diagonal entry but non-zero entries: it is not "
                              "positive semi-definite, so no Gram matrix of real gradients")
         return torch.zeros(B, dtype=torch.float64, device=K.device)  # no gradient: GNQ 0
+    # Unvalidated, a zero Gram (scale 0) is solved unscaled, without reading the scale
+    # back: M = I/λ and MK = 0 give exactly 0.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     rel_tol = max(1e-6, 16 * source_eps)
     asym = (K - K.T).abs().max() / K.abs().max() if validate else 0.0
     if validate and bool(asym > rel_tol):
@@ -179,9 +186,9 @@ def gnq_from_gram(K: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
     # formed in float32 and handed over in float64 (long float32 dot products err by
     # ~1e-5 relative), far below the negative eigenvalues of a matrix that is no Gram.
     psd_tol = B * max(_PSD_RTOL, 16 * source_eps)
-    info_psd = torch.linalg.cholesky_ex(K + psd_tol * eye)[1] if validate else 0
     L, info = torch.linalg.cholesky_ex(K + lam_scaled * eye)
-    if int(info_psd) != 0 or int(info) != 0:
+    if validate and (int(torch.linalg.cholesky_ex(K + psd_tol * eye)[1]) != 0
+                     or int(info) != 0):
         raise ValueError(
             f"K is not positive semi-definite (an eigenvalue below -{psd_tol:.1g} of its "
             "largest diagonal entry): it is not a Gram matrix of real gradients, and GNQ would "
@@ -190,7 +197,10 @@ def gnq_from_gram(K: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
     M = torch.cholesky_inverse(L)
     h = (M * K).sum(dim=0)  # diag(MK) without forming MK: M and K are symmetric
     # Rounding can leave h a few ulps below 0 where it is 0: GNQ is ≥ 0 by definition.
-    return (h / (lam_scaled * torch.diagonal(M))).clamp_min(0.0)
+    gnq = (h / (lam_scaled * torch.diagonal(M))).clamp_min(0.0)
+    # (validated, a failed factorisation raised above; unvalidated it must not pass as a
+    # number: cholesky_ex leaves a partial factor that can give finite nonsense)
+    return gnq if validate else torch.where(info == 0, gnq, torch.nan)
 
 
 def gnq_from_grads(G: torch.Tensor, lam: float | torch.Tensor = 1e-2, *,
