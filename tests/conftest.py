@@ -31,6 +31,8 @@ def device(request) -> torch.device:
     """The device of the device-sensitive tests: ``--device`` / ``GRADGUARD_TEST_DEVICE``."""
     name = request.config.getoption("--device", default=None) or \
         os.environ.get("GRADGUARD_TEST_DEVICE", "cpu")
+    if name not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"GRADGUARD_TEST_DEVICE must be 'cpu' or 'cuda', got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         pytest.skip("the device-sensitive tests were asked to run on CUDA (--device cuda or "
                     "GRADGUARD_TEST_DEVICE=cuda) but torch.cuda.is_available() is False")
