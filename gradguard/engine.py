@@ -42,6 +42,7 @@ from .optimizer import GuardedOptimizer
 from .policies import Policy, Quantile, make_policy
 from .sources import DistributedGramSource, GramSource, gram_source_for, is_dp_optimizer
 from .tensorboard import TAGS
+from .uniqueness import gnq as gnq_math
 from .uniqueness.gnq import gnq_from_gram, resolve_lam
 from .validation import check_int
 
@@ -93,7 +94,14 @@ class GradGuard:
             route (see :class:`~gradguard.uniqueness.hooks.GramHooks`).
         sketch_dim: per-layer sketch size under ``"sketch"`` (default 16384).
         sketch_seed: seed of the sketch projections.
-        gram_dtype: dtype of layer Grams (default float32; float64 for float64 models).
+        gram_dtype: dtype of layer Grams (default float32; float64 for float64 models). They
+            are summed and solved in float64 (GNQ's relative error below ε·λ_max(K)/λ, ε
+            the roundoff of ``gram_dtype``: 1.2e-7 for float32, 2.2e-16 for float64). On a
+            device without float64 (Apple's MPS, see
+            :func:`~gradguard.uniqueness.gnq.float64_supported`) the Grams, their sum and
+            the solve are float32, with one warning when the guard is attached: the error
+            bound becomes B·1.2e-7·λ_max(K)/λ (no digit is left once it nears 1: raise λ or
+            use ``relative_lam``), and only ``policy="monitor"`` is supported there.
         top_k: rows of the most-disclosing-examples table.
         num_examples: size of the training set (default: ``len(data_loader.dataset)``).
         distributed: under ``torch.distributed``, make the ranks agree (one ledger, one
@@ -338,9 +346,11 @@ class GradGuard:
         if grad_scaler is not None and dp:
             raise ValueError("grad_scaler with an Opacus DPOptimizer is not supported: Opacus "
                              "clips the scaled per-example gradients itself")
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        gram_dtype = self._gram_dtype_on(device, dp=dp)
         source = gram_source_for(core, optimizer, policy_acts=self.rule.acts,
                                  loss_reduction=loss_reduction, batch_first=batch_first,
-                                 strategy=self.strategy, gram_dtype=self.gram_dtype,
+                                 strategy=self.strategy, gram_dtype=gram_dtype,
                                  params=params, sketch_dim=self.config.sketch_dim,
                                  sketch_seed=self.config.sketch_seed)
         try:
@@ -365,8 +375,9 @@ class GradGuard:
             if self.num_examples is None:
                 self._use_config(dataclasses.replace(self.config,
                                                      num_examples=len(data_loader.dataset)))
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        self.ledger = DisclosureLedger(self.num_examples, device=device)
+        # The ledger's sums are float64: on a device without it they live on the CPU.
+        self.ledger = DisclosureLedger(
+            self.num_examples, device=device if gnq_math.float64_supported(device) else "cpu")
         sync = resolve_sync(module=module, optimizer=optimizer, enabled=self.distributed,
                             gnq_mode=self.distributed_gnq, group=self.process_group,
                             device=device)
@@ -377,6 +388,24 @@ class GradGuard:
         self._open_sink()
         self._run_probe()  # the step-0 baseline, before any update
         return module, self.optimizer, (self.loader if self.loader is not None else data_loader)
+
+    def _gram_dtype_on(self, device: torch.device, *, dp: bool) -> torch.dtype | None:
+        """``gram_dtype``, or float32 where ``device`` has no float64 (MPS), said once."""
+        if gnq_math.float64_supported(device):
+            return self.gram_dtype
+        if self.rule.acts or dp:
+            raise NotImplementedError(
+                f"policy={self.policy!r}{' under Opacus' if dp else ''} on a {device.type} "
+                "device, which has no float64: the policies' and the DP accounting's float64 "
+                "arithmetic is not ported to float32. Use policy='monitor' there, or train on "
+                "the CPU or CUDA.")
+        warnings.warn(
+            f"the {device.type} device has no float64: gradguard sums and solves the Gram in "
+            "float32 there, so GNQ's relative error reaches B·1.2e-7·λ_max(K)/λ (float64: "
+            "the rounding of float32 layer Grams alone, 1.2e-7·λ_max(K)/λ; see "
+            "gradguard.uniqueness.gnq), and keeps the ledger's float64 sums on the CPU (B "
+            "values copied to the host per step).", stacklevel=3)
+        return torch.float32
 
     def attach_optimizer(self, optimizer: GuardedOptimizer, *,
                          expected_batch_size: int | None = None) -> None:
@@ -552,7 +581,7 @@ class GradGuard:
             return None
         # ---- a failed step: every rank gets here together and asks the same questions.
         if not self.source.agree(bool(flags[0])):
-            bad = indices[~torch.isfinite(torch.diagonal(K))].tolist()[:20]
+            bad = indices[~torch.isfinite(torch.diagonal(K)).to(indices.device)].tolist()[:20]
             empty = " The batch was empty: the mean loss of an empty batch is NaN (Poisson " \
                     "sampling draws empty batches); skip empty batches in the loop or use " \
                     "loss_reduction='sum'." if K.shape[0] == 0 else ""
