@@ -88,8 +88,14 @@ class GradGuard:
             its schedule names.
         on_nonfinite: ``"raise"`` (default, an error naming the step and examples) or
             ``"skip"`` (the step is skipped, the ledger untouched, the skip counted). The
-            check covers the per-example gradients and the final gradient of every
-            parameter the optimizer is about to update.
+            check covers the per-example gradients (their Gram and the GNQ solved from it)
+            and the final gradient of every parameter the optimizer is about to update. It
+            is one read-back per step (one host synchronisation on an accelerator, the only
+            one of a ``monitor`` step that does not log), made after GNQ is computed and
+            before anything is applied or recorded: a NaN step is never trained on and
+            never reaches the ledger. It is not deferred to a later step, which would let
+            the optimizer apply the NaN first. A finite Gram for which K + λI does not
+            factorise raises ValueError whatever this setting.
         strategy: ``"auto"``, ``"ghost"``, ``"materialise"`` or ``"sketch"`` per-layer Gram
             route (see :class:`~gradguard.uniqueness.hooks.GramHooks`).
         sketch_dim: per-layer sketch size under ``"sketch"`` (default 16384).

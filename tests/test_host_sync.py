@@ -110,3 +110,26 @@ def test_unvalidated_solve_reads_nothing_back_and_says_nan_when_it_fails(device)
     torch.testing.assert_close(good, gnq_from_gram(G @ G.T, 1e-2), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="not positive semi-definite"):
         gnq_from_gram(bad, 1e-3)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_a_gram_that_does_not_factorise_is_still_refused_before_the_update(on_nonfinite):
+    """The solve no longer raises by itself (no host read): the step's one check does,
+    before anything is applied or recorded, whatever on_nonfinite says (it is no NaN)."""
+    model, ds, loss_fn = mlp_case(torch.device("cpu"))
+    guard = gg.GradGuard(on_nonfinite=on_nonfinite)
+    model, opt, loader = guard.make_guarded(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(ds, batch_size=8))
+    x, y = next(iter(loader))
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    indefinite = torch.eye(8, dtype=torch.float64)
+    indefinite[0, 0] = -1.0  # finite, but no Gram of real gradients
+    guard.source.gram = lambda: indefinite
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="does not factorise"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert guard.step == 0 and int(guard.ledger.steps_seen.sum()) == 0
+    guard.close()
