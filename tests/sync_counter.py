@@ -28,6 +28,7 @@ import traceback
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 _aten = torch.ops.aten
 # Operators that read a value back to the host, or whose output shape depends on data.
@@ -85,21 +86,26 @@ class SyncCounter(TorchDispatchMode):
 
     Args:
         package: the source folder that syncs are attributed to (default ``gradguard``).
+        device: count only operations on tensors of this device type (``"cuda"``: a read
+            of a CPU tensor during a CUDA run waits for nothing); default: any.
 
     Attributes:
         events: ``(operator, where)`` for each sync, in order; ``where`` is the innermost
             ``file:line`` in ``package`` that led to it.
     """
 
-    def __init__(self, package: str = "gradguard"):
+    def __init__(self, package: str = "gradguard", *, device: str | None = None):
         super().__init__()
         self.package = package
+        self.device = device
         self.events: list[tuple[str, str]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = _sync_name(func, args, kwargs)
-        if name is not None:
+        if name is not None and (self.device is None or any(
+                isinstance(t, torch.Tensor) and t.device.type == self.device
+                for t in tree_leaves((args, kwargs)))):
             self.events.append((name, _caller(self.package)))
         return func(*args, **kwargs)
 

@@ -63,7 +63,7 @@ def syncs_per_step(case, device, *, log_dir=None, log_every=10, **guard_kwargs):
     steps = []
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        with SyncCounter() as syncs:
+        with SyncCounter(device=device.type) as syncs:
             opt.zero_grad()
             loss_fn(model, x, y).backward()
             opt.step()
