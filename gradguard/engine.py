@@ -597,7 +597,7 @@ class GradGuard:
             raise ValueError(
                 "the per-example gradient Gram K is finite but K + λI does not factorise: K is "
                 "not positive semi-definite beyond rounding, so GNQ would come out negative "
-                "or infinite. Check how K was formed, or use gram_dtype=torch.float64.")
+                "or infinite. Check how K was formed, raise λ, or use gram_dtype=torch.float64.")
         names = {id(p): n for n, p in unwrap_ddp(self.module).named_parameters()}
         where = [names.get(id(p), f"param {i}") for i, p in enumerate(params)
                  if not bool(sums[i])][:10]
