@@ -218,7 +218,8 @@ class GradGuard:
         self.grad_scaler = None
         self.accumulation_steps = 1
         self._warned_accumulation = False
-        self._loss_scale = 1.0  # the GradScaler's scale of the step being measured
+        # the GradScaler's scale of the step being measured (a 0-d tensor when read from it)
+        self._loss_scale: float | torch.Tensor = 1.0
         self._closed = False
         self._warned_modified = False
 
@@ -659,8 +660,11 @@ class GradGuard:
         self._loss_scale = 1.0
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             # The captures carry the loss scale S (scaler.scale(loss).backward()): K is S²
-            # too large. Read the scale this backward used, never guess it.
-            self._loss_scale = float(self.grad_scaler.get_scale())
+            # too large. Read the scale this backward used, never guess it: as the scaler's
+            # own tensor where it has one (get_scale() reads it back to the host).
+            scale = getattr(self.grad_scaler, "_get_scale_async", lambda: None)()
+            self._loss_scale = float(self.grad_scaler.get_scale()) if scale is None \
+                else scale.to(device=K.device, dtype=K.dtype)
             K = K / self._loss_scale ** 2
         if self.accumulation_steps > 1:
             # Micro-batch losses divided by N: the captures are g_j / N. (The rebuilt

@@ -67,12 +67,16 @@ def syncs_per_step(case, device, *, log_dir=None, log_every=10, **guard_kwargs):
             opt.zero_grad()
             loss_fn(model, x, y).backward()
             opt.step()
-        steps.append([(op, where) for op, where in syncs.events
-                      if not where.startswith("outside")
-                      and not (device.type == "cpu" and where.endswith(CPU_ONLY))])
+        steps.append(ours(syncs, device))
     guard.close()
     assert guard.step == STEPS
     return steps
+
+
+def ours(syncs: SyncCounter, device: torch.device) -> list[tuple[str, str]]:
+    """gradguard's syncs (not the model's or torch's own), less the CPU-only routes."""
+    return [(op, where) for op, where in syncs.events if not where.startswith("outside")
+            and not (device.type == "cpu" and where.endswith(CPU_ONLY))]
 
 
 @pytest.mark.parametrize("case", [mlp_case, gpt2_case], ids=["mlp", "gpt2"])
@@ -94,6 +98,30 @@ def test_monitor_with_logging_syncs_only_on_logging_steps(case, device, tmp_path
             assert len(events) == 1, (step, events)
         else:  # what TensorBoard is given is read back, once per log_every steps
             assert len(events) > 1 and any("tensorboard.py" in w for _, w in events)
+
+
+def test_monitor_under_autocast_and_a_grad_scaler_reads_back_one_value_per_step(device):
+    """The loss scale is read as the scaler's own tensor (GradScaler.get_scale() would read
+    it back); the scaler's own inf check in scaler.step() is torch's, not counted."""
+    model, ds, loss_fn = mlp_case(device)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 12)
+    guard = gg.GradGuard()
+    model, opt, loader = guard.make_guarded(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(ds, batch_size=8), grad_scaler=scaler)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with SyncCounter(device=device.type) as syncs:
+            opt.zero_grad()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = model(x)
+            scaler.scale(F.cross_entropy(out.float(), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+        events = ours(syncs, device)
+        assert len(events) == 1 and events[0][1].endswith("(_nonfinite)"), events
+    assert guard.step == STEPS
+    guard.close()
 
 
 def test_unvalidated_solve_reads_nothing_back_and_says_nan_when_it_fails(device):
