@@ -80,9 +80,11 @@ def ours(syncs: SyncCounter, device: torch.device) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("case", [mlp_case, gpt2_case], ids=["mlp", "gpt2"])
-@pytest.mark.parametrize("relative_lam", [False, True])
-def test_monitor_reads_back_one_value_per_step(case, relative_lam, device):
-    steps = syncs_per_step(case, device, relative_lam=relative_lam)
+@pytest.mark.parametrize("guard_kwargs", [{}, {"relative_lam": True},
+                                          {"strategy": "sketch", "sketch_dim": 64}],
+                         ids=["default", "relative_lam", "sketch"])
+def test_monitor_reads_back_one_value_per_step(case, guard_kwargs, device):
+    steps = syncs_per_step(case, device, **guard_kwargs)
     for events in steps:
         assert len(events) == 1, events
         op, where = events[0]
