@@ -28,12 +28,12 @@ from tests.sync_counter import SyncCounter
 
 # (function) of the routes that read host data on the CPU only (see the module docstring)
 CPU_ONLY = ("(_prepare_indices)", "(_embedding_gram_grouped)")
-STEPS = 6
+STEPS = 4
 
 
 def mlp_case(device):
-    ds = TensorDataset(torch.randn(48, 6, generator=gen(0)),
-                       torch.randint(0, 3, (48,), generator=gen(1)))
+    ds = TensorDataset(torch.randn(32, 6, generator=gen(0)),
+                       torch.randint(0, 3, (32,), generator=gen(1)))
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(device)
     return model, ds, lambda m, x, y: F.cross_entropy(m(x), y)
 
@@ -43,7 +43,7 @@ def gpt2_case(device):
     cfg = transformers.GPT2Config(vocab_size=23, n_positions=16, n_embd=8, n_layer=2, n_head=2,
                                   bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(cfg).to(device)
-    ids = torch.randint(0, 23, (48, 8), generator=gen(2))
+    ids = torch.randint(0, 23, (32, 8), generator=gen(2))
 
     def loss(m, x, y):
         logits = m(x).logits[:, :-1]
