@@ -290,9 +290,12 @@ class OpacusVariant(Variant):
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         engine = PrivacyEngine(accountant="rdp")
+        # Opacus draws the noise on the parameters' device: the generator must live there
+        # (a CPU generator fails on CUDA).
+        device = next(model.parameters()).device
         kwargs = dict(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
                       max_grad_norm=1.0, poisson_sampling=False,
-                      noise_generator=torch.Generator().manual_seed(0))
+                      noise_generator=torch.Generator(device=device).manual_seed(0))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if self.mode == "ghost":

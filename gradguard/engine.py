@@ -42,6 +42,7 @@ from .optimizer import GuardedOptimizer
 from .policies import Policy, Quantile, make_policy
 from .sources import DistributedGramSource, GramSource, gram_source_for, is_dp_optimizer
 from .tensorboard import TAGS
+from .uniqueness import gnq as gnq_math
 from .uniqueness.gnq import gnq_from_gram, resolve_lam
 from .validation import check_int
 
@@ -87,13 +88,26 @@ class GradGuard:
             its schedule names.
         on_nonfinite: ``"raise"`` (default, an error naming the step and examples) or
             ``"skip"`` (the step is skipped, the ledger untouched, the skip counted). The
-            check covers the per-example gradients and the final gradient of every
-            parameter the optimizer is about to update.
+            check covers the per-example gradients (their Gram and the GNQ solved from it)
+            and the final gradient of every parameter the optimizer is about to update. It
+            is one read-back per step (one host synchronisation on an accelerator, the only
+            one of a ``monitor`` step that does not log), made after GNQ is computed and
+            before anything is applied or recorded: a NaN step is never trained on and
+            never reaches the ledger. It is not deferred to a later step, which would let
+            the optimizer apply the NaN first. A finite Gram for which K + λI does not
+            factorise raises ValueError whatever this setting.
         strategy: ``"auto"``, ``"ghost"``, ``"materialise"`` or ``"sketch"`` per-layer Gram
             route (see :class:`~gradguard.uniqueness.hooks.GramHooks`).
         sketch_dim: per-layer sketch size under ``"sketch"`` (default 16384).
         sketch_seed: seed of the sketch projections.
-        gram_dtype: dtype of layer Grams (default float32; float64 for float64 models).
+        gram_dtype: dtype of layer Grams (default float32; float64 for float64 models). They
+            are summed and solved in float64 (GNQ's relative error below ε·λ_max(K)/λ, ε
+            the roundoff of ``gram_dtype``: 1.2e-7 for float32, 2.2e-16 for float64). On a
+            device without float64 (Apple's MPS, see
+            :func:`~gradguard.uniqueness.gnq.float64_supported`) the Grams, their sum and
+            the solve are float32, with one warning when the guard is attached: the error
+            bound becomes B·1.2e-7·λ_max(K)/λ (no digit is left once it nears 1: raise λ or
+            use ``relative_lam``), and only ``policy="monitor"`` is supported there.
         top_k: rows of the most-disclosing-examples table.
         num_examples: size of the training set (default: ``len(data_loader.dataset)``).
         distributed: under ``torch.distributed``, make the ranks agree (one ledger, one
@@ -204,7 +218,8 @@ class GradGuard:
         self.grad_scaler = None
         self.accumulation_steps = 1
         self._warned_accumulation = False
-        self._loss_scale = 1.0  # the GradScaler's scale of the step being measured
+        # the GradScaler's scale of the step being measured (a 0-d tensor when read from it)
+        self._loss_scale: float | torch.Tensor = 1.0
         self._closed = False
         self._warned_modified = False
 
@@ -338,9 +353,11 @@ class GradGuard:
         if grad_scaler is not None and dp:
             raise ValueError("grad_scaler with an Opacus DPOptimizer is not supported: Opacus "
                              "clips the scaled per-example gradients itself")
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        gram_dtype = self._gram_dtype_on(device, dp=dp)
         source = gram_source_for(core, optimizer, policy_acts=self.rule.acts,
                                  loss_reduction=loss_reduction, batch_first=batch_first,
-                                 strategy=self.strategy, gram_dtype=self.gram_dtype,
+                                 strategy=self.strategy, gram_dtype=gram_dtype,
                                  params=params, sketch_dim=self.config.sketch_dim,
                                  sketch_seed=self.config.sketch_seed)
         try:
@@ -365,8 +382,9 @@ class GradGuard:
             if self.num_examples is None:
                 self._use_config(dataclasses.replace(self.config,
                                                      num_examples=len(data_loader.dataset)))
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        self.ledger = DisclosureLedger(self.num_examples, device=device)
+        # The ledger's sums are float64: on a device without it they live on the CPU.
+        self.ledger = DisclosureLedger(
+            self.num_examples, device=device if gnq_math.float64_supported(device) else "cpu")
         sync = resolve_sync(module=module, optimizer=optimizer, enabled=self.distributed,
                             gnq_mode=self.distributed_gnq, group=self.process_group,
                             device=device)
@@ -377,6 +395,24 @@ class GradGuard:
         self._open_sink()
         self._run_probe()  # the step-0 baseline, before any update
         return module, self.optimizer, (self.loader if self.loader is not None else data_loader)
+
+    def _gram_dtype_on(self, device: torch.device, *, dp: bool) -> torch.dtype | None:
+        """``gram_dtype``, or float32 where ``device`` has no float64 (MPS), said once."""
+        if gnq_math.float64_supported(device):
+            return self.gram_dtype
+        if self.rule.acts or dp:
+            raise NotImplementedError(
+                f"policy={self.policy!r}{' under Opacus' if dp else ''} on a {device.type} "
+                "device, which has no float64: the policies' and the DP accounting's float64 "
+                "arithmetic is not ported to float32. Use policy='monitor' there, or train on "
+                "the CPU or CUDA.")
+        warnings.warn(
+            f"the {device.type} device has no float64: gradguard sums and solves the Gram in "
+            "float32 there, so GNQ's relative error reaches B·1.2e-7·λ_max(K)/λ (float64: "
+            "the rounding of float32 layer Grams alone, 1.2e-7·λ_max(K)/λ; see "
+            "gradguard.uniqueness.gnq), and keeps the ledger's float64 sums on the CPU (B "
+            "values copied to the host per step).", stacklevel=3)
+        return torch.float32
 
     def attach_optimizer(self, optimizer: GuardedOptimizer, *,
                          expected_batch_size: int | None = None) -> None:
@@ -525,32 +561,47 @@ class GradGuard:
             f"step {self.step + 1}: {message} Lower the learning rate or fix the data, or "
             "pass on_nonfinite='skip' to GradGuard to skip such steps.")
 
-    def _gram_nonfinite(self, K: torch.Tensor, indices: torch.Tensor) -> str | None:
-        ok = bool(torch.isfinite(K).all())  # one host sync (the diagonal is part of K)
-        ok = self.source.agree(ok)  # every rank skips (or raises) together
-        if ok:
-            return None
-        bad = indices[~torch.isfinite(torch.diagonal(K))].tolist()[:20]
-        empty = " The batch was empty: the mean loss of an empty batch is NaN (Poisson " \
-                "sampling draws empty batches); skip empty batches in the loop or use " \
-                "loss_reduction='sum'." if K.shape[0] == 0 else ""
-        return f"the loss or per-example gradients are NaN/Inf (dataset indices {bad}).{empty}"
+    def _nonfinite(self, K: torch.Tensor, indices: torch.Tensor, *,
+                   values: tuple[torch.Tensor, ...] = (),
+                   optimizer: GuardedOptimizer | None = None) -> str | None:
+        """``None`` when the step is finite, else what is not (or raise, see below).
 
-    def _grads_nonfinite(self, optimizer: GuardedOptimizer) -> str | None:
-        """Which parameters' final gradients (what the optimizer applies) are NaN/Inf."""
-        params = [p for p in optimizer.params if p.grad is not None]
-        # A tensor's sum is NaN/Inf when any entry is (or when finite entries sum past the
-        # dtype's range, which such an update would be no better off with); a sum is 20×
-        # cheaper than isfinite(g).all() or an inf-norm on CPU. One host sync for all.
-        finite = torch.isfinite(torch.stack([p.grad.sum() for p in params])) if params \
-            else torch.ones(0, dtype=torch.bool)
-        ok = bool(finite.all())
-        ok = self.source.agree(ok)
-        if ok:
+        One host synchronisation when all is well: a single read-back of whether the Gram
+        ``K``, the ``values`` solved from it (GNQ, NaN where K + λI did not factorise) and,
+        with ``optimizer``, the gradients about to be applied are all finite. Only a step
+        that fails reads more back, to say what failed.
+
+        Raises:
+            ValueError: K is finite but the values solved from it are not: K + λI did not
+                factorise (K is no positive semi-definite Gram).
+        """
+        params = [p for p in optimizer.params if p.grad is not None] \
+            if optimizer is not None else []
+        flags = [torch.isfinite(K).all(), *(torch.isfinite(v).all() for v in values)]
+        if params:
+            # A tensor's sum is NaN/Inf when any entry is (or when finite entries sum past
+            # the dtype's range, which such an update would be no better off with); a sum
+            # is 20× cheaper than isfinite(g).all() or an inf-norm on CPU.
+            sums = torch.isfinite(torch.stack([p.grad.sum().to(K.device) for p in params]))
+            flags.append(sums.all())
+        if self.source.agree(bool(torch.stack(flags).all())):
             return None
+        # ---- a failed step: every rank gets here together and asks the same questions.
+        if not self.source.agree(bool(flags[0])):
+            bad = indices[~torch.isfinite(torch.diagonal(K)).to(indices.device)].tolist()[:20]
+            empty = " The batch was empty: the mean loss of an empty batch is NaN (Poisson " \
+                    "sampling draws empty batches); skip empty batches in the loop or use " \
+                    "loss_reduction='sum'." if K.shape[0] == 0 else ""
+            return (f"the loss or per-example gradients are NaN/Inf (dataset indices {bad})."
+                    f"{empty}")
+        if not self.source.agree(all(bool(f) for f in flags[1:1 + len(values)])):
+            raise ValueError(
+                "the per-example gradient Gram K is finite but K + λI does not factorise: K is "
+                "not positive semi-definite beyond rounding, so GNQ would come out negative "
+                "or infinite. Check how K was formed, raise λ, or use gram_dtype=torch.float64.")
         names = {id(p): n for n, p in unwrap_ddp(self.module).named_parameters()}
         where = [names.get(id(p), f"param {i}") for i, p in enumerate(params)
-                 if not bool(finite[i])][:10]
+                 if not bool(sums[i])][:10]
         return (f"the gradients about to be applied are NaN/Inf in {where}, while every "
                 "guarded per-example gradient is finite: the NaN/Inf comes from a loss term "
                 "outside the guarded layers (e.g. a penalty on the parameters) or from a "
@@ -593,9 +644,15 @@ class GradGuard:
         indices = self._indices_for(B, device)
         if B == 0 and not self.source.distributed:  # under DDP the other ranks still need this one
             return self._empty_step(optimizer, device)
-        message = self._gram_nonfinite(K, indices)
-        if message is not None:
-            return self._skip_or_raise(optimizer, message)
+        # The finiteness of K is read back once per step: under monitor together with GNQ
+        # and the gradients, at the end (no host sync before it); a policy, or Opacus's
+        # validated raw-Gram solve, reads GNQ on the host, so K is checked before.
+        checked_early = self.rule.acts or self.source.name == "opacus"
+        if checked_early:
+            message = self._nonfinite(K, indices)
+            if message is not None:
+                return self._skip_or_raise(optimizer, message)
+        K_local, local_indices = K, indices
         # own: this rank's examples in the global batch; rows: those K (hence the policy)
         # covers. From here on gnq, indices, weights span the global batch on every rank.
         shared = self.source.share_batch(K, indices)
@@ -603,8 +660,11 @@ class GradGuard:
         self._loss_scale = 1.0
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             # The captures carry the loss scale S (scaler.scale(loss).backward()): K is S²
-            # too large. Read the scale this backward used, never guess it.
-            self._loss_scale = float(self.grad_scaler.get_scale())
+            # too large. Read the scale this backward used, never guess it: as the scaler's
+            # own tensor where it has one (get_scale() reads it back to the host).
+            scale = getattr(self.grad_scaler, "_get_scale_async", lambda: None)()
+            self._loss_scale = float(self.grad_scaler.get_scale()) if scale is None \
+                else scale.to(device=K.device, dtype=K.dtype)
             K = K / self._loss_scale ** 2
         if self.accumulation_steps > 1:
             # Micro-batch losses divided by N: the captures are g_j / N. (The rebuilt
@@ -621,7 +681,8 @@ class GradGuard:
             gnq_raw = self.source.share_rows(gnq_raw, own)
             noise_ridge = self.source.noise_ridge()
             lam, lam_logged = lam + noise_ridge, lam_logged + noise_ridge
-        # (K was formed here from per-example gradients and checked for NaN/Inf above)
+        # (K was formed here from per-example gradients: a Gram by construction. GNQ is NaN
+        # where K is not finite or K + λI does not factorise; checked before recording.)
         gnq = self.source.share_rows(gnq_from_gram(K, lam, validate=False), rows)
         if gnq_raw is None:  # nothing clipped: the raw GNQ is the one before the policy acts
             gnq_raw = gnq
@@ -641,7 +702,8 @@ class GradGuard:
         if self.rule.acts or (optimizer.accumulated_iterations > 1
                               and self.source.name == "hooks"):
             kept_any = self._apply(optimizer, weights[own])
-        message = self._grads_nonfinite(optimizer)
+        message = self._nonfinite(K_local, local_indices, values=(gnq, effective),
+                                  optimizer=optimizer)
         if message is not None:
             return self._skip_or_raise(optimizer, message)
         # ---- record
@@ -1012,7 +1074,9 @@ def _ridge(K: torch.Tensor, lam: float, *, relative: bool):
     effective GNQ 0 whatever the policy's weights), so λ = 1 stands in for the solve,
     while the reported λ is the formula's 0.
     """
-    if relative and not bool(torch.diagonal(K).sum() > 0):
-        return 1.0, 0.0
     resolved = resolve_lam(K, lam, relative=relative)
-    return resolved, resolved
+    if not relative:
+        return resolved, resolved
+    # On the device, without reading trace(K) back (no host sync).
+    some = torch.diagonal(K).sum() > 0
+    return torch.where(some, resolved, 1.0), torch.where(some, resolved, 0.0)

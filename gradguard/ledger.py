@@ -233,7 +233,10 @@ class DisclosureLedger:
                 f"{tuple(v.shape)}"
             )
         # detach: the ledger must never join the autograd graph of the training step.
-        return v.detach().to(device=self._device, dtype=torch.float64, non_blocking=True)
+        # (Non-blocking only towards a device: a non-blocking copy to the host may be read
+        # before it has arrived.)
+        return v.detach().to(device=self._device, dtype=torch.float64,
+                             non_blocking=self._device.type != "cpu")
 
     # ------------------------------------------------------------------ updates
     @torch.no_grad()

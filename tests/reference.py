@@ -34,16 +34,16 @@ def gnq_explicit(G: torch.Tensor, lam: float) -> torch.Tensor:
     """GNQ_j = g_jᵀ (λI + Σ_{k≠j} g_k g_kᵀ)⁻¹ g_j by explicit P×P float64 solves."""
     G = G.to(torch.float64)
     B, P = G.shape
-    out = torch.empty(B, dtype=torch.float64)
+    out = torch.empty(B, dtype=torch.float64, device=G.device)
     for j in range(B):
         others = torch.cat([G[:j], G[j + 1:]])
-        S = lam * torch.eye(P, dtype=torch.float64) + others.T @ others
+        S = lam * torch.eye(P, dtype=torch.float64, device=G.device) + others.T @ others
         out[j] = G[j] @ torch.linalg.solve(S, G[j])
     return out
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.to(torch.float64), b.to(torch.float64)
+    a, b = a.to(torch.float64), b.to(device=a.device, dtype=torch.float64)
     return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
 
 
@@ -54,7 +54,7 @@ def per_example_loop_grads(model, loss_of, batch_size: int) -> torch.Tensor:
     rows = []
     for i in range(batch_size):
         grads = torch.autograd.grad(loss_of(i), params, allow_unused=True)
-        rows.append(torch.cat([torch.zeros(p.numel(), dtype=p.dtype) if g is None
+        rows.append(torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if g is None
                                else g.reshape(-1) for p, g in zip(params, grads)]))
     return torch.stack(rows)
 
@@ -76,7 +76,8 @@ def gnq_push_through(G: torch.Tensor, lam: float) -> torch.Tensor:
     for j in range(G.shape[0]):
         others = torch.cat([G[:j], G[j + 1:]])
         v = others @ G[j]
-        inner = torch.linalg.solve(lam * torch.eye(others.shape[0], dtype=G.dtype)
+        inner = torch.linalg.solve(lam * torch.eye(others.shape[0], dtype=G.dtype,
+                                                   device=G.device)
                                    + others @ others.T, v)
         out.append((G[j] @ G[j] - v @ inner) / lam)
     return torch.stack(out)

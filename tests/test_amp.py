@@ -22,12 +22,12 @@ from tests.reference import ce_sum, gnq_explicit, per_example_grads
 LAM = 1e-2
 
 
-def setup(policy_kwargs, *, n=24, seed=0):
+def setup(policy_kwargs, *, device, n=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     ds = TensorDataset(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g))
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).to(device)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 12)
     guard = gg.GradGuard(lam=LAM, **policy_kwargs)
     model, opt, loader = guard.make_guarded(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
@@ -41,12 +41,14 @@ def reference(model, x, y):
 
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
-def test_gnq_is_in_the_true_loss_scale(autocast):
-    guard, model, opt, loader, scaler = setup({})
+def test_gnq_is_in_the_true_loss_scale(autocast, device):
+    guard, model, opt, loader, scaler = setup({}, device=device)
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         _, want = reference(model, x, y)
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16,
+                            enabled=autocast is not None):
             out = model(x)
         scaler.scale(F.cross_entropy(out.float(), y)).backward()
         scaler.step(opt)
@@ -57,9 +59,9 @@ def test_gnq_is_in_the_true_loss_scale(autocast):
     guard.close()
 
 
-def test_drop_rebuilds_unscaled_gradients():
+def test_drop_rebuilds_unscaled_gradients(device):
     guard, model, opt, loader, scaler = setup({"policy": "drop",
-                                               "threshold": gg.Quantile(0.7)})
+                                               "threshold": gg.Quantile(0.7)}, device=device)
     inner = opt.original_optimizer
     applied, original_step = [], inner.step
 
@@ -69,6 +71,7 @@ def test_drop_rebuilds_unscaled_gradients():
 
     inner.step = step
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         G, _ = reference(model, x, y)
         opt.zero_grad()
         scaler.scale(F.cross_entropy(model(x), y)).backward()
@@ -81,9 +84,10 @@ def test_drop_rebuilds_unscaled_gradients():
     guard.close()
 
 
-def test_steps_the_scaler_skips_are_not_counted():
-    guard, model, opt, loader, scaler = setup({"policy": "monitor"})
+def test_steps_the_scaler_skips_are_not_counted(device):
+    guard, model, opt, loader, scaler = setup({"policy": "monitor"}, device=device)
     for i, (x, y) in enumerate(loader):
+        x, y = x.to(device), y.to(device)
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         if i == 1:  # inf gradients: the scaler skips optimizer.step() and lowers its scale

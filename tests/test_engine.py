@@ -133,10 +133,12 @@ def reference_threshold(model, ds, q=0.5):
 # --------------------------------------------------------------------- update = Σ w g / B
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("policy", ["monitor", "clip", "drop", "drop_budget"])
-def test_guarded_update_equals_weighted_reference(policy, reduction):
+def test_guarded_update_equals_weighted_reference(policy, reduction, device):
+    """(With ``--device cuda`` the model trains on the GPU; the references stay on the CPU.)"""
     ds = make_data(n=20)
     model = make_mlp()
     tau = reference_threshold(model, ds)
+    model = model.to(device)
     kwargs = {"monitor": {}, "clip": {"threshold": tau}, "drop": {"threshold": tau},
               "drop_budget": {"budget": 0.5 * math.log1p(tau) * 1.5}}[policy]
     guard = gg.GradGuard(policy="drop" if policy == "drop_budget" else policy, lam=LAM, **kwargs)
@@ -150,8 +152,9 @@ def test_guarded_update_equals_weighted_reference(policy, reduction):
     acted = blocked_seen = 0
     for _ in range(3):
         for x, y, idx in loader:
+            x, y = x.to(device), y.to(device)
             # References first, at the parameters of this step.
-            G = per_example_grads(model, ce_sum, x, y)  # raw per-example gradients
+            G = per_example_grads(model, ce_sum, x, y).cpu()  # raw per-example gradients
             gnq = gnq_from_grads(G, LAM)
             # The batch's own size (the short last batch too): without Poisson sampling a
             # step that drops nothing must equal the plain step (issue 13, item 6).
@@ -170,11 +173,11 @@ def test_guarded_update_equals_weighted_reference(policy, reduction):
                     blocked_seen += int(blocked.sum())
                     # The update of the batch without the dropped examples, by plain autograd.
                     keep = w > 0
-                    kept = torch.zeros_like(flat_params(model))
+                    kept = torch.zeros_like(flat_params(model).cpu())
                     if keep.any():
                         grads = torch.autograd.grad(ce_sum(model(x[keep]), y[keep]),
                                                     list(model.parameters()))
-                        kept = torch.cat([g.reshape(-1) for g in grads]) / denom
+                        kept = torch.cat([g.reshape(-1) for g in grads]).cpu() / denom
                 acted += int((w < 1).sum())
                 expected = (w[:, None] * G).sum(0) / denom
 
@@ -183,20 +186,20 @@ def test_guarded_update_equals_weighted_reference(policy, reduction):
             steps_before = len(applied)
             opt.step()
 
-            torch.testing.assert_close(guard.last_gnq, gnq, rtol=1e-9, atol=1e-12)
-            torch.testing.assert_close(guard.last_weights, w, rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(guard.last_gnq.cpu(), gnq, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(guard.last_weights.cpu(), w, rtol=1e-8, atol=1e-12)
             if not bool((w > 0).any()):
                 # Nothing kept: the wrapped optimizer does not step at all.
                 assert len(applied) == steps_before
             else:
                 if kept is not None:
-                    torch.testing.assert_close(applied[-1], kept, rtol=1e-10, atol=1e-12)
-                torch.testing.assert_close(applied[-1], expected, rtol=1e-9, atol=1e-12)
-            assert torch.equal(guard.last_indices, idx)
+                    torch.testing.assert_close(applied[-1].cpu(), kept, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(applied[-1].cpu(), expected, rtol=1e-9, atol=1e-12)
+            assert torch.equal(guard.last_indices.cpu(), idx)
             if policy in ("drop", "drop_budget"):
-                torch.testing.assert_close(guard.ledger.cum_bound, ref.bound, rtol=1e-9,
+                torch.testing.assert_close(guard.ledger.cum_bound.cpu(), ref.bound, rtol=1e-9,
                                            atol=1e-12)
-                assert torch.equal(guard.ledger.censored, ref.censored)
+                assert torch.equal(guard.ledger.censored.cpu(), ref.censored)
     assert guard.step == 9
     assert int(guard.ledger.steps_seen.sum()) == 3 * len(ds)
     if policy != "monitor":

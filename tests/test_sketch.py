@@ -55,15 +55,15 @@ def _models():
 
 
 @pytest.mark.parametrize("name", list(_models()))
-def test_sketched_gram_is_unbiased(name):
+def test_sketched_gram_is_unbiased(name, device):
     """The mean over independent seeds converges to the exact Gram G Gᵀ (each entry within
     5 standard errors of its mean)."""
     factory, shape = _models()[name]
     torch.manual_seed(fresh_seed())
-    model = factory().to(F64)
-    x = torch.randn(*shape, dtype=F64)
+    model = factory().to(F64).to(device)
+    x = torch.randn(*shape, dtype=F64).to(device)
     out_shape = model(x).shape
-    y = torch.randint(0, out_shape[-1], out_shape[:-1])
+    y = torch.randint(0, out_shape[-1], out_shape[:-1]).to(device)
     G = per_example_grads(model, ce_sum, x, y)
     exact = G @ G.T
     draws = []
@@ -135,11 +135,11 @@ def test_projections_are_seeded_by_seed_layer_and_shape_in_any_process():
     assert float.fromhex(out.stdout.strip()) == float(a.sum())
 
 
-def test_same_seed_same_gnq_and_small_layers_stay_exact():
+def test_same_seed_same_gnq_and_small_layers_stay_exact(device):
     torch.manual_seed(fresh_seed())
     model = nn.Sequential(nn.Linear(30, 40), nn.LayerNorm(40), nn.Tanh(), nn.Linear(40, 3))
-    model = model.to(F64)
-    x, y = torch.randn(7, 30, dtype=F64), torch.randint(0, 3, (7,))
+    model = model.to(F64).to(device)
+    x, y = torch.randn(7, 30, dtype=F64).to(device), torch.randint(0, 3, (7,)).to(device)
     a = per_example_gnq(model, ce_sum, x, y, strategy="sketch", sketch_dim=256, sketch_seed=1)
     b = per_example_gnq(model, ce_sum, x, y, strategy="sketch", sketch_dim=256, sketch_seed=1)
     c = per_example_gnq(model, ce_sum, x, y, strategy="sketch", sketch_dim=256, sketch_seed=2)
@@ -158,15 +158,16 @@ def test_bad_sketch_dim_is_refused():
         GramHooks(nn.Linear(2, 2), strategy="sketch", sketch_dim=0)
 
 
-def test_guard_in_a_plain_loop_with_sketch():
+def test_guard_in_a_plain_loop_with_sketch(device):
     torch.manual_seed(fresh_seed())
-    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 4))
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 4)).to(device)
     data = torch.utils.data.TensorDataset(torch.randn(32, 64), torch.randint(0, 4, (32,)))
     guard = gg.GradGuard(strategy="sketch", sketch_dim=1024, sketch_seed=5)
     model, opt, loader = guard.make_guarded(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=torch.utils.data.DataLoader(data, batch_size=16))
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         assert guard.hooks.layer_routes()["0"] == "sketch"
@@ -200,12 +201,12 @@ class _PlainLM(nn.Module):
         self.model = model
 
     def forward(self, ids):
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         return self.model(input_ids=ids, position_ids=positions).logits[:, :-1]
 
 
 @pytest.mark.parametrize("factory", [_gpt2_tiny, _llama_tiny], ids=["gpt2", "llama"])
-def test_default_sketch_meets_the_error_target_on_models_it_was_not_tuned_on(factory):
+def test_default_sketch_meets_the_error_target_on_models_it_was_not_tuned_on(factory, device):
     """Default sketch_dim (chosen on an MLP and a CNN): median relative GNQ error ≤ 5% and
     Spearman ≥ 0.95 against exact GNQ, at B = 32."""
     pytest.importorskip("transformers")
@@ -213,8 +214,8 @@ def test_default_sketch_meets_the_error_target_on_models_it_was_not_tuned_on(fac
 
     seed = fresh_seed()
     torch.manual_seed(seed)
-    model = _PlainLM(factory())
-    ids = torch.randint(0, 100, (32, 8))
+    model = _PlainLM(factory()).to(device)
+    ids = torch.randint(0, 100, (32, 8)).to(device)
     loss = lambda logits, ids: ce_sum(logits, ids[:, 1:])  # noqa: E731
     exact = per_example_gnq(model, loss, ids, ids, strategy="auto")
     hooks = GramHooks(model, loss_reduction="sum", strategy="sketch")
@@ -224,4 +225,4 @@ def test_default_sketch_meets_the_error_target_on_models_it_was_not_tuned_on(fac
     sketched = per_example_gnq(model, loss, ids, ids, strategy="sketch", sketch_seed=seed)
     rel = ((sketched - exact).abs() / exact).median()
     assert float(rel) <= 0.05, float(rel)
-    assert spearmanr(sketched.numpy(), exact.numpy()).statistic >= 0.95
+    assert spearmanr(sketched.cpu().numpy(), exact.cpu().numpy()).statistic >= 0.95

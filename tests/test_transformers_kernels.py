@@ -60,7 +60,8 @@ def brute_force_grads(model, ids) -> torch.Tensor:
 def hooked_gram(model, ids, strategy) -> tuple[torch.Tensor, dict]:
     hooks = GramHooks(model, loss_reduction="sum", strategy=strategy)
     try:
-        positions = torch.arange(ids.shape[1]).expand_as(ids)  # until HF plumbing expands them
+        # (until HF plumbing expands them)
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         causal_loss(model(input_ids=ids, position_ids=positions).logits, ids).backward()
         return hooks.gram(), hooks.layer_routes()
     finally:
@@ -69,10 +70,10 @@ def hooked_gram(model, ids, strategy) -> tuple[torch.Tensor, dict]:
 
 
 @pytest.mark.parametrize("strategy", ["ghost", "auto", "materialise"])
-def test_gpt2_gram_and_gnq_match_brute_force(strategy):
+def test_gpt2_gram_and_gnq_match_brute_force(strategy, device):
     seed = fresh_seed()
-    model = tiny_gpt2(seed)
-    ids = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(seed))
+    model = tiny_gpt2(seed).to(device)
+    ids = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(seed)).to(device)
     K, routes = hooked_gram(model, ids, strategy)
     G = brute_force_grads(model, ids)
     torch.testing.assert_close(K, G @ G.T, rtol=1e-9, atol=1e-9)
@@ -84,14 +85,14 @@ def test_gpt2_gram_and_gnq_match_brute_force(strategy):
         assert routes["lm_head.weight (tied)"] == routes["transformer.wte.weight (tied)"] == "ghost"
 
 
-def test_conv1d_weighted_grads_match_brute_force():
+def test_conv1d_weighted_grads_match_brute_force(device):
     seed = fresh_seed()
-    model = tiny_gpt2(seed)
-    ids = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(seed))
-    w = torch.rand(4, dtype=F64, generator=torch.Generator().manual_seed(seed + 1))
+    model = tiny_gpt2(seed).to(device)
+    ids = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(seed)).to(device)
+    w = torch.rand(4, dtype=F64, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     hooks = GramHooks(model, loss_reduction="sum", strategy="ghost")
-    causal_loss(model(input_ids=ids, position_ids=torch.arange(9).expand_as(ids)).logits,
-                ids).backward()
+    positions = torch.arange(9, device=device).expand_as(ids)
+    causal_loss(model(input_ids=ids, position_ids=positions).logits, ids).backward()
     out = hooks.weighted_grads(w)
     hooks.remove()
     G = brute_force_grads(model, ids)
@@ -136,12 +137,12 @@ def test_property_tied_embedding_head_gram(B, T, vocab, dim, seed):
     torch.testing.assert_close(K, G @ G.T, rtol=1e-9, atol=1e-10)
 
 
-def test_tied_gram_over_micro_batches():
+def test_tied_gram_over_micro_batches(device):
     """Two forwards before one step: the cross terms between micro-batches are counted."""
     seed = fresh_seed()
     torch.manual_seed(seed)
-    model = TiedLM(11, 4).to(F64)
-    ids, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 11, (5, 4))
+    model = TiedLM(11, 4).to(F64).to(device)
+    ids, y = torch.randint(0, 11, (5, 4)).to(device), torch.randint(0, 11, (5, 4)).to(device)
     hooks = GramHooks(model, loss_reduction="sum", strategy="ghost")
     ce_sum(model(ids[:2]), y[:2]).backward()
     ce_sum(model(ids[2:]), y[2:]).backward()
@@ -171,13 +172,13 @@ def test_materialised_gram_in_blocks_over_micro_batches(monkeypatch):
     torch.testing.assert_close(K, G @ G.T, rtol=1e-9, atol=1e-9)
 
 
-def test_conv1d_alone_with_bias_on_vectors_and_sequences():
+def test_conv1d_alone_with_bias_on_vectors_and_sequences(device):
     seed = fresh_seed()
     torch.manual_seed(seed)
-    model = nn.Sequential(Conv1D(6, 3), nn.Tanh(), Conv1D(4, 6)).to(F64)
+    model = nn.Sequential(Conv1D(6, 3), nn.Tanh(), Conv1D(4, 6)).to(F64).to(device)
     for shape in ((5, 3), (5, 7, 3)):
-        x = torch.randn(*shape, dtype=F64)
-        y = torch.randint(0, 4, shape[:-1])
+        x = torch.randn(*shape, dtype=F64).to(device)
+        y = torch.randint(0, 4, shape[:-1]).to(device)
         G = per_example_grads(model, ce_sum, x, y)
         for strategy in ("ghost", "materialise"):
             hooks = GramHooks(model, loss_reduction="sum", strategy=strategy)

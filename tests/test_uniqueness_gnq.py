@@ -15,18 +15,18 @@ from tests.reference import gnq_explicit, rel_err
 
 @pytest.mark.parametrize("B,P", [(1, 5), (4, 3), (6, 20), (10, 10)])
 @pytest.mark.parametrize("lam", [1e-2, 1.0])
-def test_matches_explicit_leave_one_out_solve(B, P, lam):
+def test_matches_explicit_leave_one_out_solve(B, P, lam, device):
     g = torch.Generator().manual_seed(B * 100 + P)
-    G = torch.randn(B, P, generator=g, dtype=torch.float64)
+    G = torch.randn(B, P, generator=g, dtype=torch.float64).to(device)
     assert rel_err(gnq_from_grads(G, lam), gnq_explicit(G, lam)) < 1e-9
 
 
 @settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 8), P=st.integers(1, 12), scale=st.floats(1e-3, 1e3),
        lam=st.floats(1e-3, 10.0), seed=st.integers(0, 10_000))
-def test_property_matches_explicit(B, P, scale, lam, seed):
+def test_property_matches_explicit(B, P, scale, lam, seed, device):
     G = scale * torch.randn(B, P, generator=torch.Generator().manual_seed(seed),
-                            dtype=torch.float64)
+                            dtype=torch.float64).to(device)
     ref = gnq_explicit(G, lam)
     got = gnq_from_grads(G, lam)
     assert torch.all(got >= 0)
@@ -37,9 +37,10 @@ def test_property_matches_explicit(B, P, scale, lam, seed):
     assert rel_err(got, ref) < tol or float((got - ref).abs().max()) < 1e-12
 
 
-def test_small_gnq_has_no_cancellation():
+def test_small_gnq_has_no_cancellation(device):
     # One tiny gradient among large ones: 1/(λM_jj) − 1 would lose every digit here.
-    G = torch.randn(5, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = torch.randn(5, 8, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64).to(device)
     G[2] *= 1e-7
     assert rel_err(gnq_from_grads(G, 1e-2)[2:3], gnq_explicit(G, 1e-2)[2:3]) < 1e-6
 
@@ -167,7 +168,7 @@ def test_grads_must_be_batched():
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("lam", [1e-6, 1e-8])
-def test_near_duplicates_at_small_lambda_meet_the_stated_precision(seed, lam):
+def test_near_duplicates_at_small_lambda_meet_the_stated_precision(seed, lam, device):
     # Near-duplicate gradients at small λ: GNQ is driven by the small differences, the
     # worst case for a batch-space method. The docstring promises relative error below
     # ε·λ_max(K)/λ (ε = float64 roundoff for a float64 Gram); the explicit P×P solve is
@@ -175,6 +176,7 @@ def test_near_duplicates_at_small_lambda_meet_the_stated_precision(seed, lam):
     gen = torch.Generator().manual_seed(seed)
     base = torch.randn(1, 30, generator=gen, dtype=torch.float64)
     G = 3 * (base + 10 ** -(2 + seed % 3) * torch.randn(6, 30, generator=gen, dtype=torch.float64))
+    G = G.to(device)
     K = G @ G.T
     bound = torch.finfo(torch.float64).eps * float(torch.linalg.eigvalsh(K).max()) / lam
     assert bound < 1e-4  # the promise is a useful one here

@@ -138,28 +138,31 @@ CASES = list(cases())
 
 @pytest.mark.parametrize("name,factory,x,y", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_float64_matches_torch_func(name, factory, x, y, strategy):
+def test_float64_matches_torch_func(name, factory, x, y, strategy, device):
     torch.manual_seed(0)
-    model = factory().to(F64)
+    model = factory().to(F64).to(device)
+    x, y = x.to(device), y.to(device)
     ref = gnq_from_grads(per_example_grads(model, ce_sum, x, y), 1e-2)
     got = per_example_gnq(model, ce_sum, x, y, 1e-2, strategy=strategy)
     assert rel_err(got, ref) <= 1e-6
 
 
-def test_float32_model_within_1e3():
+def test_float32_model_within_1e3(device):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 36, 5))
+                          nn.Linear(4 * 36, 5)).to(device)
     x, y = torch.randn(8, 3, 6, 6, generator=gen(20)), torch.randint(0, 5, (8,), generator=gen(21))
+    x, y = x.to(device), y.to(device)
     ref = gnq_from_grads(per_example_grads(model.double(), ce_sum, x.double(), y), 1e-2)
     got = per_example_gnq(model.float(), ce_sum, x, y, 1e-2)
     assert rel_err(got, ref) <= 1e-3
 
 
-def test_explicit_solve_on_small_model():
+def test_explicit_solve_on_small_model(device):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64).to(device)
     x, y = torch.randn(5, 3, generator=gen(22), dtype=F64), torch.randint(0, 2, (5,))
+    x, y = x.to(device), y.to(device)
     G = per_example_grads(model, ce_sum, x, y)
     assert rel_err(per_example_gnq(model, ce_sum, x, y, 0.3), gnq_explicit(G, 0.3)) <= 1e-9
 
@@ -251,17 +254,19 @@ WEIGHTS = {
 
 @pytest.mark.parametrize("name,factory,x,y", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("pattern", list(WEIGHTS))
-def test_weighted_grads_match_reference(name, factory, x, y, pattern):
+def test_weighted_grads_match_reference(name, factory, x, y, pattern, device):
     torch.manual_seed(0)
-    model = factory().to(F64)
+    model = factory().to(F64).to(device)
+    x, y = x.to(device), y.to(device)
     B = x.shape[0]
     hooks = GramHooks(model, loss_reduction="sum")
     ce_sum(model(x), y).backward()
-    w = WEIGHTS[pattern](B)
+    w = WEIGHTS[pattern](B).to(device)
     got = hooks.weighted_grads(w)
     G = per_example_grads(model, ce_sum, x, y)
     expected = (w[:, None] * G).sum(0)
-    flat = torch.cat([got[p].reshape(-1) if p in got else torch.zeros(p.numel(), dtype=F64)
+    flat = torch.cat([got[p].reshape(-1) if p in got
+                      else torch.zeros(p.numel(), dtype=F64, device=device)
                       for p in model.parameters() if p.requires_grad])
     torch.testing.assert_close(flat, expected, rtol=1e-9, atol=1e-12)
     hooks.remove()

@@ -54,9 +54,9 @@ def padded_batch(B, T, vocab, seed):
 
 @pytest.mark.parametrize("factory,vocab", [(gpt2, 23), (llama, 29)], ids=["gpt2", "llama"])
 @pytest.mark.parametrize("B,T", [(3, 5), (4, 4)])
-def test_causal_lm_called_the_plain_way(factory, vocab, B, T):
-    model = factory(B * 7 + T)
-    ids, mask = padded_batch(B, T, vocab, seed=B + T)
+def test_causal_lm_called_the_plain_way(factory, vocab, B, T, device):
+    model = factory(B * 7 + T).to(device)
+    ids, mask = (t.to(device) for t in padded_batch(B, T, vocab, seed=B + T))
     labels = ids.masked_fill(mask == 0, -100)
 
     def loss_of(i):
@@ -100,10 +100,10 @@ def test_gpt2_with_labels_and_its_own_mean_loss():
 
 
 @pytest.mark.parametrize("B,T", [(3, 6), (5, 5)])
-def test_bert_classifier_with_padding(B, T):
-    model = bert(B + T)
-    ids, mask = padded_batch(B, T, 31, seed=3 * B + T)
-    y = torch.randint(0, 3, (B,), generator=torch.Generator().manual_seed(B))
+def test_bert_classifier_with_padding(B, T, device):
+    model = bert(B + T).to(device)
+    ids, mask = (t.to(device) for t in padded_batch(B, T, 31, seed=3 * B + T))
+    y = torch.randint(0, 3, (B,), generator=torch.Generator().manual_seed(B)).to(device)
 
     def loss_of(i):
         logits = model(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .gnq import gnq_from_gram
+from .gnq import gnq_from_gram, solve_dtype
 from .kernels import (
     EmbeddingKernel,
     FunctionalKernel,
@@ -714,14 +714,16 @@ class GramHooks:
         return exact > AUTO_SKETCH_MULTIPLE * backward and cost < exact
 
     def gram(self) -> torch.Tensor:
-        """The B×B Gram of per-example gradients of the guarded parameters (float64).
+        """The B×B Gram of per-example gradients of the guarded parameters (float64, or
+        float32 on a device without float64).
 
         Raises:
             UnsupportedLayerError: a parameter received gradient that cannot be attributed.
         """
         batch, calls = self._collect()
         device = _first_param_device(self.module)
-        K = torch.zeros(batch, batch, dtype=torch.float64, device=device)
+        # float64 sums, or float32 where the device has no float64 (see solve_dtype)
+        K = torch.zeros(batch, batch, dtype=solve_dtype(device), device=device)
         if batch == 0:
             return K
         solo, tied = self._plan(calls)
