@@ -334,15 +334,19 @@ class GramHooks:
                             tracker.mark_batched(o, 0)
             if not any(self._guarded(p) for p in owner.params):
                 return  # frozen (a LoRA base layer): its A and Δ would be held for nothing
-            call = LayerCall(args=_detach(args), kwargs=_detach(kwargs),
-                             backprops=[None] * len(outs), offset=0, batch_size=batch,
-                             out_template=_detach(output))
+            # The bookkeeping below is not part of the model's computation: keep it out of
+            # the batch tracer (a torch-function mode that would see every detach).
+            with torch._C.DisableTorchFunction():
+                call = LayerCall(args=_detach(args), kwargs=_detach(kwargs),
+                                 backprops=[None] * len(outs), offset=0, batch_size=batch,
+                                 out_template=_detach(output))
             if tracker is not None:
                 self._trace(owner, tracker, call, args, kwargs, outs)
             scale = batch if self.loss_reduction == "mean" else 1
-            for k, o in enumerate(outs):
-                if isinstance(o, torch.Tensor) and o.requires_grad:
-                    o.register_hook(self._make_backprop_hook(idx, fid, call, k, scale))
+            with torch._C.DisableTorchFunction():
+                for k, o in enumerate(outs):
+                    if isinstance(o, torch.Tensor) and o.requires_grad:
+                        o.register_hook(self._make_backprop_hook(idx, fid, call, k, scale))
             owner.kernel.on_forward(m, call, output)
         return hook
 
