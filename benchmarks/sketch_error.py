@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/sketch_error.py mlp|cnn|single|gpt2|llama [seed] [batch size]
+    python benchmarks/sketch_error.py mlp|cnn|single|gpt2|llama|gpt2_long [seed] [batch size]
 
 Random data, models at initialisation, exact GNQ from materialised per-example gradients
 (``strategy="auto"`` may itself sketch at large B); ``sketch_seed=1``; sketch sizes 4096, 16384
@@ -62,6 +62,18 @@ def main() -> None:
         for B in (32, 128):
             model = nn.Sequential(nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 10, bias=False))
             report("one-big-layer", model, torch.randn(B, 512), torch.randint(0, 10, (B,)), B)
+    elif which == "gpt2_long":  # benchmarks/run.py's long-context row: d = 256, T = 512
+        import transformers
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        transformers.logging.set_verbosity_error()
+        B, T, V = int(sys.argv[3]) if len(sys.argv) > 3 else 16, 512, 2000
+        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=V,
+                                           n_positions=T, resid_pdrop=0, embd_pdrop=0,
+                                           attn_pdrop=0))
+        ids = torch.randint(0, V, (B, T))
+        report(which, PlainLM(model, torch.arange(T).expand(B, T)), ids, ids[:, 1:], B,
+               dims=(16384,))
     elif which in ("gpt2", "llama"):
         import transformers
         from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -80,7 +92,7 @@ def main() -> None:
         ids = torch.randint(0, V, (B, T))
         report(which, PlainLM(model, torch.arange(T).expand(B, T)), ids, ids[:, 1:], B)
     else:
-        raise SystemExit(f"unknown model {which!r}: mlp, cnn, single, gpt2 or llama")
+        raise SystemExit(f"unknown model {which!r}: mlp, cnn, single, gpt2, llama or gpt2_long")
 
 
 if __name__ == "__main__":
