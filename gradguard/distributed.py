@@ -48,6 +48,7 @@ __all__ = [
     "average_gradients",
     "broadcast_from_first",
     "flatten_per_example",
+    "fsdp_kind",
     "gram_from_rows",
     "is_ddp_module",
     "resolve_sync",
@@ -66,6 +67,21 @@ def is_ddp_module(module: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - opacus is a dependency
         return False
     return isinstance(module, DPDDP)
+
+
+def fsdp_kind(module: nn.Module) -> str | None:
+    """How FSDP shards ``module``: ``"fully_shard"`` (FSDP2, any submodule sharded),
+    ``"FullyShardedDataParallel"`` (FSDP1, any wrapper inside), or ``None``."""
+    if not dist.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    modules = list(module.modules())
+    if any(isinstance(m, FullyShardedDataParallel) for m in modules):
+        return "FullyShardedDataParallel"
+    if any(isinstance(m, FSDPModule) for m in modules):
+        return "fully_shard"
+    return None
 
 
 def unwrap_ddp(module: nn.Module) -> nn.Module:
@@ -302,7 +318,8 @@ def resolve_sync(*, module: nn.Module, optimizer, enabled: bool | None, gnq_mode
         enabled: ``True`` (the ranks train one model together, e.g. Lightning's or the HF
             Trainer's DDP), ``False`` (never synchronise), or ``None``: on when the
             default process group is initialised with more than one rank and the model
-            is DDP-wrapped (or the optimizer is Opacus's distributed DPOptimizer).
+            is DDP-wrapped or sharded by ``fully_shard`` (or the optimizer is Opacus's
+            distributed DPOptimizer).
         gnq_mode: ``"local"`` or ``"global"``.
         group: the process group (default: the world).
         device: device of the exchanged tensors.
@@ -320,6 +337,7 @@ def resolve_sync(*, module: nn.Module, optimizer, enabled: bool | None, gnq_mode
                          "run before make_guarded; pass distributed=None to detect it.")
     if not ready or dist.get_world_size(group) < 2:
         return None
-    if enabled is None and not (is_ddp_module(module) or _is_distributed_dp_optimizer(optimizer)):
+    if enabled is None and not (is_ddp_module(module) or fsdp_kind(module) is not None
+                                or _is_distributed_dp_optimizer(optimizer)):
         return None
     return DistributedSync(gnq_mode=gnq_mode, group=group, device=device)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from . import rundir
 from .config import GuardConfig
-from .distributed import resolve_sync, unwrap_ddp
+from .distributed import fsdp_kind, resolve_sync, unwrap_ddp
 from .ledger import BOUND_ASSUMPTIONS, DisclosureLedger
 from .loader import IndexTrackingLoader, track_indices
 from .optimizer import GuardedOptimizer
@@ -43,6 +43,7 @@ from .policies import Policy, Quantile, make_policy
 from .sources import DistributedGramSource, GramSource, gram_source_for, is_dp_optimizer
 from .tensorboard import TAGS
 from .uniqueness.gnq import gnq_from_gram, resolve_lam
+from .uniqueness.kernels import is_sharded
 from .validation import check_int
 
 __all__ = ["GradGuard", "NonFiniteGradientError"]
@@ -315,11 +316,9 @@ class GradGuard:
         if self.module is not None:
             raise RuntimeError("this GradGuard is already attached; create one per model")
         core = unwrap_ddp(module)
-        if _is_fsdp(core):
-            raise ValueError("gradguard does not support FSDP (fully_shard / "
-                             "FullyShardedDataParallel): its sharded DTensor gradients cannot be "
-                             "measured or rebuilt from per-example captures yet. Use DDP "
-                             "(DistributedDataParallel: per-rank or global GNQ) or one device.")
+        sharding = fsdp_kind(core)
+        if sharding is not None:
+            self._check_fsdp(core, sharding)
         other = _ATTACHED.get(core)
         if other is not None and other() is not None and not other()._closed:
             raise RuntimeError(
@@ -395,6 +394,46 @@ class GradGuard:
         if expected_batch_size is not None:
             optimizer.expected_batch_size = int(expected_batch_size)
         self.optimizer = optimizer
+
+    def _check_fsdp(self, module: nn.Module, sharding: str) -> None:
+        """What works under FSDP, or a refusal naming what does.
+
+        Under ``fully_shard`` each rank's hooks capture whole inputs and output gradients
+        of its own examples (FSDP gathers the weights for forward and backward), so its
+        local-batch Gram is exact, as under DDP. Parameters and ``.grad`` are DTensor
+        shards between steps: the checks below keep gradguard to what reads no more.
+        """
+        if sharding == "FullyShardedDataParallel":
+            raise ValueError(
+                "gradguard does not support FSDP1 (FullyShardedDataParallel): its flat "
+                "parameters give each original parameter a flattened shard of its gradient, "
+                "which cannot be matched to per-example captures. Shard with FSDP2's "
+                "torch.distributed.fsdp.fully_shard (supported under policy='monitor'), or "
+                "use DDP (DistributedDataParallel).")
+        unsharded = [n for n, p in module.named_parameters()
+                     if p.requires_grad and not is_sharded(p)]
+        if unsharded:
+            raise ValueError(
+                f"under fully_shard every trainable parameter must be sharded, but "
+                f"{unsharded[:10]} are plain tensors (their gradients are not averaged across "
+                "ranks). Call fully_shard on the root model too, after its submodules.")
+        if self.rule.acts:
+            raise NotImplementedError(
+                f"policy={self.policy!r} under FSDP (fully_shard) is not supported: it "
+                "rebuilds the update from the captures, which FSDP holds as sharded DTensor "
+                "gradients. Use policy='monitor' under FSDP (per-rank GNQ, the update "
+                "untouched), or clip/drop under DDP (DistributedDataParallel) or on one "
+                "device.")
+        if self.curvature is not None:
+            raise NotImplementedError(
+                "the curvature probe under FSDP (fully_shard) is not supported: its passes "
+                "(double backward on a subset of examples) would run through FSDP's "
+                "collectives. Probe a DDP or single-device copy of the model instead.")
+        if self.save_every is not None:
+            raise NotImplementedError(
+                "save_every under FSDP (fully_shard) is not supported: the run directory "
+                "would hold only the first rank's parameter shards. Checkpoint the model with "
+                "torch.distributed.checkpoint and call guard.save_run(dir) on the first rank.")
 
     @staticmethod
     def _check_coverage(module: nn.Module, optimizer: Optimizer,
@@ -542,7 +581,8 @@ class GradGuard:
         # A tensor's sum is NaN/Inf when any entry is (or when finite entries sum past the
         # dtype's range, which such an update would be no better off with); a sum is 20×
         # cheaper than isfinite(g).all() or an inf-norm on CPU. One host sync for all.
-        finite = torch.isfinite(torch.stack([p.grad.sum() for p in params])) if params \
+        # (each rank checks its own shard of a sharded gradient; agree() pools them)
+        finite = torch.isfinite(torch.stack([_local(p.grad).sum() for p in params])) if params \
             else torch.ones(0, dtype=torch.bool)
         ok = bool(finite.all())
         ok = self.source.agree(ok)
@@ -669,7 +709,7 @@ class GradGuard:
         return True
 
     def _empty_step(self, optimizer: GuardedOptimizer, device) -> bool:
-        grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all())
+        grads_finite = all(p.grad is None or bool(torch.isfinite(_local(p.grad)).all())
                            for p in optimizer.params)
         if not grads_finite:
             # (a 0×0 Gram cannot show it)
@@ -995,13 +1035,9 @@ class GradGuard:
         self.close()
 
 
-def _is_fsdp(module: nn.Module) -> bool:
-    """Whether FSDP (``fully_shard`` or ``FullyShardedDataParallel``) wraps any submodule."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (the local shard of an FSDP DTensor gradient)."""
+    return t.to_local() if is_sharded(t) else t
 
 
 def _ridge(K: torch.Tensor, lam: float, *, relative: bool):

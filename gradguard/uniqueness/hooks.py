@@ -30,7 +30,9 @@ from .kernels import (
     LayerCall,
     LayerKernel,
     LinearKernel,
+    is_sharded,
     kernel_for,
+    layer_type,
     tied_embedding_head_costs,
     tied_embedding_head_gram,
 )
@@ -216,6 +218,7 @@ class GramHooks:
             self._owners.append(owner)
             self._handles.append(m.register_forward_hook(self._make_forward_hook(idx),
                                                          with_kwargs=True))
+        self._check_sharded()
         self._handles.append(self.module.register_forward_pre_hook(self._root_pre_hook,
                                                                    with_kwargs=True))
         self._handles.append(self.module.register_forward_hook(
@@ -223,6 +226,29 @@ class GramHooks:
         for p in self._all_params():
             if p.requires_grad:  # frozen now: never guarded, and hooks need requires_grad
                 self._handles.append(p.register_post_accumulate_grad_hook(self._mark_received))
+
+    def _check_sharded(self) -> None:
+        """Refuse FSDP-sharded layers whose kernel needs the parameters' values.
+
+        Under FSDP2 (``fully_shard``) the captured inputs and output gradients are whole on
+        each rank, so kernels that need only them and the parameters' shapes (Linear,
+        Conv, Embedding, GPT-2's Conv1D, norms) are exact; between steps, when the Gram is
+        formed, each parameter is a DTensor shard, so kernels that re-run the layer
+        (torch.func, MultiheadAttention, RNNs, custom grad samplers) cannot.
+        """
+        bad = [f"{o.path} ({layer_type(o.module).__name__})" for o in self._owners
+               if o.kernel.reads_parameters and any(is_sharded(p) for p in o.params)
+               and any(self._guarded(p) for p in o.params)]
+        if bad:
+            raise UnsupportedLayerError(
+                f"under FSDP (fully_shard) gradguard supports layers whose per-example "
+                f"gradients follow from their inputs and output gradients alone (nn.Linear, "
+                f"nn.Conv*, nn.Embedding, GPT-2's Conv1D, LayerNorm/GroupNorm/RMSNorm); "
+                f"{bad[:10]} need their parameters' values, which FSDP holds as shards "
+                "between steps. Train such models with DDP (DistributedDataParallel) or on "
+                "one device, freeze those layers (or leave them out with params=), or "
+                "register a kernel for them that reads only the inputs and output gradients "
+                "(a LayerKernel with reads_parameters = False).")
 
     def _all_params(self) -> list[nn.Parameter]:
         seen, out = set(), []
