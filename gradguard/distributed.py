@@ -46,6 +46,8 @@ __all__ = [
     "all_gather_rows",
     "all_ranks_agree",
     "average_gradients",
+    "average_into_shards",
+    "average_tensors",
     "broadcast_from_first",
     "flatten_per_example",
     "fsdp_kind",
@@ -149,31 +151,67 @@ def all_ranks_agree(flag: bool, *, group=None, device: torch.device | str = "cpu
     return int(bad) == 0
 
 
+def average_tensors(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], *,
+                    group=None) -> list[torch.Tensor | None]:
+    """Every rank's ``tensors`` averaged across ranks (all-reduce sum / world size).
+
+    One collective per dtype over a flat buffer. ``tensors[i]`` is shaped like ``like[i]``
+    (whose global shape counts for a sharded DTensor); a rank's ``None`` takes part as
+    zeros, and the result is ``None`` only where every rank had ``None``.
+    """
+    world = dist.get_world_size(group)
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = defaultdict(list)
+    for i, t in enumerate(like):
+        by_dtype[(t.dtype, t.device)].append(i)
+    out: list[torch.Tensor | None] = [None] * len(like)
+    for (dtype, device), items in by_dtype.items():
+        flat = torch.cat([(tensors[i] if tensors[i] is not None else
+                           torch.zeros(like[i].shape, dtype=dtype, device=device)).reshape(-1)
+                          for i in items]
+                         + [torch.tensor([float(tensors[i] is not None) for i in items],
+                                         dtype=dtype, device=device)])
+        dist.all_reduce(flat, group=group)
+        n_values = flat.numel() - len(items)
+        had = flat[n_values:].tolist()
+        offset = 0
+        for i, present in zip(items, had):
+            n = like[i].numel()
+            if present > 0:
+                out[i] = (flat[offset: offset + n] / world).view(like[i].shape)
+            offset += n
+    return out
+
+
 def average_gradients(params: Iterable[nn.Parameter], *, group=None) -> None:
     """Replace ``p.grad`` by its average across ranks (all-reduce sum / world size), as DDP does.
 
-    One collective per dtype over a flat buffer. A rank whose ``p.grad`` is ``None`` takes
-    part with zeros; the parameter gets the averaged gradient when any rank had one and
-    stays ``None`` when none had.
+    A rank whose ``p.grad`` is ``None`` takes part with zeros; the parameter gets the
+    averaged gradient when any rank had one and stays ``None`` when none had.
     """
-    world = dist.get_world_size(group)
-    by_dtype: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = defaultdict(list)
-    for p in params:
-        by_dtype[(p.dtype, p.device)].append(p)
-    for (dtype, device), ps in by_dtype.items():
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in ps]
-                         + [torch.tensor([float(p.grad is not None) for p in ps],
-                                         dtype=dtype, device=device)])
-        dist.all_reduce(flat, group=group)
-        n_values = flat.numel() - len(ps)
-        had = flat[n_values:].tolist()
-        offset = 0
-        for p, present in zip(ps, had):
-            n = p.numel()
-            if present > 0:
-                p.grad = (flat[offset: offset + n] / world).view_as(p)
-            offset += n
+    params = list(params)
+    averaged = average_tensors([p.grad for p in params], params, group=group)
+    for p, g in zip(params, averaged):
+        if g is not None:
+            p.grad = g
+
+
+def average_into_shards(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor | None], *,
+                        group=None) -> None:
+    """Set each FSDP-sharded ``p.grad`` to this rank's shard of the ranks' average of
+    ``grads`` (whole, unsharded gradients), as FSDP's reduce-scatter would.
+
+    Where no rank has a gradient for ``p``, an existing ``p.grad`` is zeroed.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    for p, g in zip(params, average_tensors(grads, params, group=group)):
+        if g is None:
+            if p.grad is not None:
+                p.grad.zero_()
+            continue
+        # Every rank holds the same average: each keeps its own shard, no communication.
+        p.grad = distribute_tensor(g.to(p.dtype), p.device_mesh, p.placements,
+                                   src_data_rank=None)
 
 
 def flatten_per_example(grads: dict[nn.Parameter, torch.Tensor], params: Sequence[nn.Parameter],
@@ -302,6 +340,11 @@ class DistributedSync:
     def average_gradients(self, params: Iterable[nn.Parameter]) -> None:
         """All-reduce the rewritten gradients (see :func:`average_gradients`)."""
         average_gradients(params, group=self.group)
+
+    def average_into_shards(self, params: Sequence[nn.Parameter],
+                            grads: Sequence[torch.Tensor | None]) -> None:
+        """Average whole gradients into FSDP shards (see :func:`average_into_shards`)."""
+        average_into_shards(params, grads, group=self.group)
 
     def agree(self, ok: bool) -> bool:
         """Whether ``ok`` holds on every rank."""

@@ -418,12 +418,19 @@ class GradGuard:
                 f"{unsharded[:10]} are plain tensors (their gradients are not averaged across "
                 "ranks). Call fully_shard on the root model too, after its submodules.")
         if self.rule.acts:
-            raise NotImplementedError(
-                f"policy={self.policy!r} under FSDP (fully_shard) is not supported: it "
-                "rebuilds the update from the captures, which FSDP holds as sharded DTensor "
-                "gradients. Use policy='monitor' under FSDP (per-rank GNQ, the update "
-                "untouched), or clip/drop under DDP (DistributedDataParallel) or on one "
-                "device.")
+            # The rebuilt update is averaged over the guard's process group and cut into
+            # FSDP's shards: FSDP must average over exactly that group.
+            world = torch.distributed.get_world_size(self.process_group)
+            meshes = {(p.device_mesh.ndim, p.device_mesh.size()) for p in module.parameters()
+                      if p.requires_grad}
+            if self.distributed is False or meshes != {(1, world)}:
+                raise NotImplementedError(
+                    f"policy={self.policy!r} under FSDP needs fully_shard over a 1-D mesh of "
+                    f"all {world} ranks of the guard's process group, with distributed "
+                    f"synchronisation on (got meshes (ndim, size) {sorted(meshes)}, "
+                    f"distributed={self.distributed}): the rebuilt update is averaged over "
+                    "that group. HSDP (2-D meshes) is not supported with clip/drop; use "
+                    "policy='monitor' there, or DDP (DistributedDataParallel).")
         if self.curvature is not None:
             raise NotImplementedError(
                 "the curvature probe under FSDP (fully_shard) is not supported: its passes "

@@ -47,9 +47,11 @@ from tests.reference import (  # noqa: E402
 
 WORLD = 2
 LAM = 1e-2
+LR = 0.3
+TAU = {"drop": 300.0, "clip": 200.0}  # absolute thresholds that act on a few examples per step
 MLP_N, MLP_BATCH = 22, 4  # per rank; 22 / (2·4): the last batch is short
 LM_N, LM_BATCH, LM_T, VOCAB = 12, 3, 6, 23
-REFUSALS = ("fsdp1", "drop", "clip", "attention", "root_not_sharded", "probe", "save_every")
+REFUSALS = ("fsdp1", "attention", "root_not_sharded", "probe", "save_every", "drop_hsdp")
 
 
 # ----------------------------------------------------------------------------- models, data
@@ -104,7 +106,7 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- the workers
-def _train(rank: int, kind: str, guard_kwargs: dict | None) -> dict:
+def _train(rank: int, kind: str, guard_kwargs: dict | None, momentum: float = 0.5) -> dict:
     """FSDP training, with a GradGuard when ``guard_kwargs`` is given."""
     if kind == "mlp":
         model, ds, batch, epochs = _shard_mlp(_mlp()), _mlp_data(), MLP_BATCH, 2
@@ -120,7 +122,7 @@ def _train(rank: int, kind: str, guard_kwargs: dict | None) -> dict:
         def loss_of(batch_):
             (ids,) = batch_
             return causal_lm_loss(model(input_ids=ids).logits, ids)  # called the plain way
-    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
     sampler = DistributedSampler(ds, num_replicas=WORLD, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(ds, batch_size=batch, sampler=sampler)
     guard = None
@@ -139,6 +141,7 @@ def _train(rank: int, kind: str, guard_kwargs: dict | None) -> dict:
             if guard is not None:
                 steps.append({"batch": [t.clone() for t in b], "params": params,
                               "gnq": guard.last_gnq.clone(),
+                              "weights": guard.last_weights.clone(),
                               "indices": guard.last_indices.clone()})
     out = {"final": _full(model), "steps": steps}
     if guard is not None:
@@ -157,9 +160,12 @@ def _refusal(rank: int, name: str, out_dir: str) -> str:
     if name == "fsdp1":
         model = FullyShardedDataParallel(model, use_orig_params=True,
                                          device_id=torch.device("cpu"))
-    elif name in ("drop", "clip"):
-        kwargs = {"policy": name, "threshold": 1.0}
-        model = _shard_mlp(model)
+    elif name == "drop_hsdp":  # a 2-D mesh (replicate × shard): FSDP does not average
+        from torch.distributed.device_mesh import init_device_mesh  # over one group
+
+        kwargs = {"policy": "drop", "threshold": 1.0}
+        model = fully_shard(model, mesh=init_device_mesh("cpu", (1, WORLD),
+                                                          mesh_dim_names=("replicate", "shard")))
     elif name == "attention":
         model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0,
                                            batch_first=True).double()
@@ -191,6 +197,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "mlp_plain": _train(rank, "mlp", None),
             "mlp_monitor": _train(rank, "mlp", {"policy": "monitor"}),
             "mlp_global": _train(rank, "mlp", {"policy": "monitor", "distributed_gnq": "global"}),
+            **{f"mlp_{policy}": _train(rank, "mlp", {"policy": policy, "threshold": tau},
+                                       momentum=0.0) for policy, tau in TAU.items()},
             "gpt2_plain": _train(rank, "gpt2", None),
             "gpt2_monitor": _train(rank, "gpt2", {"policy": "monitor"}),
             "refusals": {name: _refusal(rank, name, out_dir) for name in REFUSALS},
@@ -297,8 +305,8 @@ def _full_init(kind: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name,kind,words", [
     ("fsdp1", "ValueError", ["FullyShardedDataParallel", "fully_shard", "DDP"]),
-    ("drop", "NotImplementedError", ["policy='drop'", "policy='monitor'", "DDP"]),
-    ("clip", "NotImplementedError", ["policy='clip'", "policy='monitor'", "DDP"]),
+    ("drop_hsdp", "NotImplementedError", ["policy='drop'", "1-D mesh", "(2, 2)",
+                                          "policy='monitor'"]),
     ("attention", "UnsupportedLayerError", ["self_attn", "MultiheadAttention", "DDP"]),
     ("root_not_sharded", "ValueError", ["fully_shard on the root", "3.weight"]),
     ("probe", "NotImplementedError", ["curvature probe", "DDP"]),
@@ -310,3 +318,37 @@ def test_refusals_name_what_works(runs, name, kind, words):
         assert message.startswith(kind + ":"), message
         for w in words:
             assert w in message, (w, message)
+
+
+@pytest.mark.parametrize("policy", ["drop", "clip"])
+def test_policy_update_is_the_ranks_average_of_the_weighted_examples(runs, policy):
+    """clip/drop under FSDP: each rank's sharded ``.grad`` is its shard of
+    Σ_ranks Σ_j w_j g_j / (B · ranks), as under DDP; checked step by step on plain SGD
+    against torch.func per-example gradients at the step's full parameters."""
+    name = f"mlp_{policy}"
+    names = [n for n, _ in _mlp().named_parameters()]
+    steps = runs[0][name]["steps"]
+    acted = 0
+    for t, s in enumerate(steps):
+        G = [_mlp_rows(r[name]["steps"][t]["params"], *r[name]["steps"][t]["batch"])
+             for r in runs]
+        torch.testing.assert_close(s["gnq"], torch.cat([gnq_explicit(g, LAM) for g in G]),
+                                   rtol=1e-8, atol=0)
+        w = s["weights"]
+        if policy == "drop":
+            assert torch.equal(w, (s["gnq"] <= TAU["drop"]).to(w.dtype))
+        else:  # no example's effective GNQ (its weighted rank batch's) exceeds τ
+            start = 0
+            for g in G:
+                wg = w[start:start + g.shape[0], None] * g
+                start += g.shape[0]
+                assert float(gnq_explicit(wg, LAM).max()) <= TAU["clip"] * (1 + 1e-6)
+        acted += int((w < 1).sum())
+        update = (w[:, None] * torch.cat(G)).sum(0) / (MLP_BATCH * WORLD)
+        after = steps[t + 1]["params"] if t + 1 < len(steps) else runs[0][name]["final"]
+        before = torch.cat([s["params"][n].reshape(-1) for n in names])
+        torch.testing.assert_close(torch.cat([after[n].reshape(-1) for n in names]),
+                                   before - LR * update, rtol=1e-10, atol=1e-12)
+    assert acted > 0, "the policy never acted: the test would not see a wrong rewrite"
+    for n in names:  # one model on every rank
+        assert torch.equal(runs[0][name]["final"][n], runs[1][name]["final"][n]), n
