@@ -1,4 +1,5 @@
-"""GradGuard under ``torch.distributed``: DDP, Opacus's DPDDP, Lightning and HF on several ranks.
+"""GradGuard under ``torch.distributed``: DDP, FSDP2, Opacus's DPDDP, Lightning and HF on
+several ranks.
 
 Each rank captures the per-example gradients of its own local batch (DDP's all-reduce runs
 on the summed gradient, not on the hooks' captures), so each rank can compute GNQ over its
@@ -29,6 +30,29 @@ from the rank's own captures, so the rewritten gradients are averaged across ran
 (all-reduce sum / world size: DDP's averaging). Under ``policy="monitor"`` gradients are
 never touched, so the update is bit-for-bit what DDP alone does. Only the first rank of
 the group writes TensorBoard logs and the run directory.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) works the same way. FSDP gathers each
+layer's weights for its forward and backward, so a rank's hooks capture the whole inputs
+and output gradients of its own examples, and its local Gram is exact as under DDP (both
+GNQ modes; ``"global"`` gathers whole per-example gradients). Between steps parameters and
+``.grad`` are DTensor shards, which decides what works:
+
+- kernels that need only the captures and the parameters' shapes are exact (nn.Linear,
+  nn.Conv*, nn.Embedding, GPT-2's Conv1D and its tied LM head, the norm layers); a
+  sharded layer whose kernel re-runs the layer with its parameter values
+  (torch.func fallback, MultiheadAttention, RNNs, custom grad samplers) is refused when
+  the guard attaches;
+- ``clip``/``drop`` rebuild Σ_j w_j g_j / B whole from the rank's captures, average it
+  over the ranks and keep the rank's shard (:func:`average_into_shards`): what FSDP's
+  reduce-scatter gives for a backward over the weighted examples. That needs FSDP to
+  average over the guard's group: a 1-D mesh of all its ranks (HSDP's 2-D meshes are
+  refused for policies; ``monitor`` never touches gradients, so it does not depend on
+  how FSDP reduces them);
+- ``monitor`` leaves training bit for bit as FSDP alone;
+- refused: FSDP1 (``FullyShardedDataParallel``: flat parameters give each original
+  parameter a flattened shard), a model whose root is not sharded (its plain parameters'
+  gradients are not averaged), the curvature probe (its double backward would run through
+  FSDP's collectives) and ``save_every`` (the state file would hold one rank's shards).
 """
 
 from __future__ import annotations

@@ -100,13 +100,14 @@ class GradGuard:
         distributed: under ``torch.distributed``, make the ranks agree (one ledger, one
             policy decision per example, gradients rewritten by a policy averaged across
             ranks, logs from the first rank only). ``None`` (default): on when the process
-            group has more than one rank and the model is DDP-wrapped (or the optimizer is
-            Opacus's distributed DPOptimizer); ``True`` for wrappers gradguard does not see
-            (Lightning, HF Trainer); ``False``: each rank on its own.
+            group has more than one rank and the model is DDP-wrapped or sharded by FSDP2's
+            ``fully_shard`` (or the optimizer is Opacus's distributed DPOptimizer); ``True``
+            for wrappers gradguard does not see (Lightning, HF Trainer); ``False``: each
+            rank on its own.
         distributed_gnq: ``"local"`` (GNQ over each rank's batch: an upper bound of the
             global-batch GNQ, since more examples only lower it) or ``"global"`` (exact
             global-batch GNQ by all-gathering per-example gradients: B_global × P memory
-            per rank). See :mod:`gradguard.distributed`.
+            per rank, whole gradients also under FSDP). See :mod:`gradguard.distributed`.
         process_group: the ``torch.distributed`` group to agree within (default: world).
         save_every: write ``gradguard_state.pt`` and ``summary.json`` into ``log_dir``
             every this many steps (atomically), so a killed run resumes from its last
@@ -303,6 +304,13 @@ class GradGuard:
                 does not guard (they would learn from dropped examples).
             RuntimeError: this guard is already attached, or another live GradGuard is
                 attached to the model.
+            ValueError: FSDP1 (``FullyShardedDataParallel``: use ``fully_shard``), or a
+                ``fully_shard`` model whose root is not sharded.
+            NotImplementedError: under ``fully_shard``: clip/drop on a 2-D (HSDP) mesh, the
+                curvature probe, ``save_every``.
+            UnsupportedLayerError: under ``fully_shard``, a sharded layer whose kernel
+                reads its parameters' values (MultiheadAttention, RNNs, torch.func layers);
+                see :mod:`gradguard.distributed`.
         """
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum' (how your loss reduces "
@@ -408,7 +416,7 @@ class GradGuard:
                 "gradguard does not support FSDP1 (FullyShardedDataParallel): its flat "
                 "parameters give each original parameter a flattened shard of its gradient, "
                 "which cannot be matched to per-example captures. Shard with FSDP2's "
-                "torch.distributed.fsdp.fully_shard (supported under policy='monitor'), or "
+                "torch.distributed.fsdp.fully_shard (supported), or "
                 "use DDP (DistributedDataParallel).")
         unsharded = [n for n, p in module.named_parameters()
                      if p.requires_grad and not is_sharded(p)]

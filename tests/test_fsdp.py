@@ -51,6 +51,7 @@ LR = 0.3
 TAU = {"drop": 300.0, "clip": 200.0}  # absolute thresholds that act on a few examples per step
 MLP_N, MLP_BATCH = 22, 4  # per rank; 22 / (2·4): the last batch is short
 LM_N, LM_BATCH, LM_T, VOCAB = 12, 3, 6, 23
+CNN_N, CNN_BATCH = 10, 5
 REFUSALS = ("fsdp1", "attention", "root_not_sharded", "probe", "save_every", "drop_hsdp")
 
 
@@ -92,6 +93,25 @@ def _shard_mlp(model: nn.Module) -> nn.Module:
     return fully_shard(model)
 
 
+def _cnn() -> nn.Module:
+    torch.manual_seed(15)
+    return nn.Sequential(nn.Conv1d(3, 5, 3), nn.GroupNorm(1, 5), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(30, 3)).double()
+
+
+def _cnn_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(16)
+    return TensorDataset(torch.randn(CNN_N, 3, 8, generator=g, dtype=torch.float64),
+                         torch.randint(0, 3, (CNN_N,), generator=g))
+
+
+def _shard_cnn(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model[0])
+    return fully_shard(model)
+
+
 def _shard_gpt2(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -108,8 +128,9 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- the workers
 def _train(rank: int, kind: str, guard_kwargs: dict | None, momentum: float = 0.5) -> dict:
     """FSDP training, with a GradGuard when ``guard_kwargs`` is given."""
-    if kind == "mlp":
-        model, ds, batch, epochs = _shard_mlp(_mlp()), _mlp_data(), MLP_BATCH, 2
+    if kind in ("mlp", "cnn"):
+        model, ds, batch, epochs = (_shard_mlp(_mlp()), _mlp_data(), MLP_BATCH, 2) \
+            if kind == "mlp" else (_shard_cnn(_cnn()), _cnn_data(), CNN_BATCH, 1)
         reduction = "mean"
 
         def loss_of(batch_):
@@ -199,6 +220,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "mlp_global": _train(rank, "mlp", {"policy": "monitor", "distributed_gnq": "global"}),
             **{f"mlp_{policy}": _train(rank, "mlp", {"policy": policy, "threshold": tau},
                                        momentum=0.0) for policy, tau in TAU.items()},
+            "cnn_monitor": _train(rank, "cnn", {"policy": "monitor"}),
             "gpt2_plain": _train(rank, "gpt2", None),
             "gpt2_monitor": _train(rank, "gpt2", {"policy": "monitor"}),
             "refusals": {name: _refusal(rank, name, out_dir) for name in REFUSALS},
@@ -229,9 +251,10 @@ def _own(rank: int, sizes: list[int]) -> slice:
     return slice(start, start + sizes[rank])
 
 
-def _mlp_rows(params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[B, P] per-example gradients of an unsharded MLP at ``params`` (torch.func)."""
-    model = _mlp()
+def _mlp_rows(params: dict, x: torch.Tensor, y: torch.Tensor, factory=_mlp) -> torch.Tensor:
+    """[B, P] per-example gradients of an unsharded MLP (or ``factory()``) at ``params``
+    (torch.func)."""
+    model = factory()
     model.load_state_dict(params)
     return per_example_grads(model, ce_sum, x, y)
 
@@ -249,7 +272,7 @@ def _lm_rows(params: dict, ids: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- tests
 def test_fsdp_is_synchronised_like_ddp(runs):
     for r in runs:
-        for name in ("mlp_monitor", "mlp_global", "gpt2_monitor"):
+        for name in ("mlp_monitor", "mlp_global", "cnn_monitor", "gpt2_monitor", "mlp_drop"):
             assert r[name]["synced"], name
     # one ledger: every example of the global batch counted on every rank
     for name in ("mlp_monitor", "gpt2_monitor"):
@@ -258,7 +281,7 @@ def test_fsdp_is_synchronised_like_ddp(runs):
             s["batch"][0].shape[0] for r in runs for s in r[name]["steps"])
 
 
-@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "gpt2"])
 def test_per_rank_gnq_matches_per_example_reference(runs, kind):
     """Each rank's GNQ is that of its own batch, as under DDP (distributed_gnq='local')."""
     name = f"{kind}_monitor"
@@ -266,8 +289,9 @@ def test_per_rank_gnq_matches_per_example_reference(runs, kind):
         sizes = [r[name]["steps"][step]["batch"][0].shape[0] for r in runs]
         for rank, r in enumerate(runs):
             s = r[name]["steps"][step]
-            if kind == "mlp":
-                ref = gnq_explicit(_mlp_rows(s["params"], *s["batch"]), LAM)
+            if kind in ("mlp", "cnn"):
+                factory = _mlp if kind == "mlp" else _cnn
+                ref = gnq_explicit(_mlp_rows(s["params"], *s["batch"], factory=factory), LAM)
             else:
                 ref = gnq_push_through(_lm_rows(s["params"], s["batch"][0]), LAM)
             got = s["gnq"][_own(rank, sizes)]
