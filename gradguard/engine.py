@@ -326,7 +326,7 @@ class GradGuard:
         core = unwrap_ddp(module)
         sharding = fsdp_kind(core)
         if sharding is not None:
-            self._check_fsdp(core, sharding)
+            self._check_fsdp(core, optimizer, sharding)
         other = _ATTACHED.get(core)
         if other is not None and other() is not None and not other()._closed:
             raise RuntimeError(
@@ -403,7 +403,7 @@ class GradGuard:
             optimizer.expected_batch_size = int(expected_batch_size)
         self.optimizer = optimizer
 
-    def _check_fsdp(self, module: nn.Module, sharding: str) -> None:
+    def _check_fsdp(self, module: nn.Module, optimizer: Optimizer, sharding: str) -> None:
         """What works under FSDP, or a refusal naming what does.
 
         Under ``fully_shard`` each rank's hooks capture whole inputs and output gradients
@@ -418,6 +418,11 @@ class GradGuard:
                 "which cannot be matched to per-example captures. Shard with FSDP2's "
                 "torch.distributed.fsdp.fully_shard (supported), or "
                 "use DDP (DistributedDataParallel).")
+        if is_dp_optimizer(optimizer):
+            raise NotImplementedError(
+                "Opacus's DPOptimizer on a fully_shard model is not supported by gradguard "
+                "(the released update would be measured from sharded per-sample gradients). "
+                "Use Opacus with DPDDP, or GradGuard's own policies under fully_shard.")
         unsharded = [n for n, p in module.named_parameters()
                      if p.requires_grad and not is_sharded(p)]
         if unsharded:
@@ -465,11 +470,14 @@ class GradGuard:
                     # (frozen ones get no gradient: the optimizer leaves them alone)
                     unguarded.append(names[id(p)])
         if foreign:
+            sharded = any(is_sharded(p) for p in module.parameters())
             raise ValueError(
                 f"the optimizer updates {len(foreign)} parameter(s) that are not the model's "
                 f"(shapes {foreign[:5]}): an optimizer over a different model, or a head "
                 "outside the module passed to make_guarded. Pass the whole model as module= "
-                "and an optimizer over its parameters.")
+                "and an optimizer over its parameters."
+                + (" Under fully_shard, build the optimizer after sharding (fully_shard "
+                   "replaces the parameters)." if sharded else ""))
         if unguarded:
             raise ValueError(
                 f"the optimizer updates parameters gradguard does not guard: {unguarded[:10]} "

@@ -177,6 +177,10 @@ class HookGramSource(_OneProcess):
         part of a rebuilt update.
         """
         for p, g in self.rebuilt(weights, denom=denom).items():
+            if is_sharded(p):  # (DistributedGramSource writes FSDP's shards)
+                raise RuntimeError(
+                    "rebuilding the gradients of an FSDP-sharded model needs the ranks to "
+                    "average them: pass distributed=None (or True) to GradGuard, not False.")
             if g is None:
                 if p.grad is not None:
                     p.grad.zero_()

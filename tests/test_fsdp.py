@@ -55,7 +55,8 @@ TAU = {"drop": 300.0, "clip": 200.0}  # absolute thresholds that act on a few ex
 MLP_N, MLP_BATCH = 22, 4  # per rank; 22 / (2·4): the last batch is short
 LM_N, LM_BATCH, LM_T, VOCAB = 12, 3, 6, 23
 CNN_N, CNN_BATCH = 10, 5
-REFUSALS = ("fsdp1", "attention", "root_not_sharded", "probe", "save_every", "drop_hsdp")
+REFUSALS = ("fsdp1", "attention", "root_not_sharded", "probe", "save_every", "drop_hsdp",
+            "opacus", "optimizer_before_sharding")
 
 
 # ----------------------------------------------------------------------------- models, data
@@ -183,7 +184,22 @@ def _refusal(rank: int, name: str, out_dir: str) -> str:
 
     kwargs = {}
     model = _mlp()
-    if name == "fsdp1":
+    make_optimizer = torch.optim.SGD
+    if name == "optimizer_before_sharding":
+        early = torch.optim.SGD(model.parameters(), lr=0.1)
+        model = _shard_mlp(model)
+
+        def make_optimizer(params, lr):
+            return early
+    elif name == "opacus":
+        from opacus.optimizers import DPOptimizer
+
+        model = _shard_mlp(model)
+
+        def make_optimizer(params, lr):
+            return DPOptimizer(torch.optim.SGD(params, lr=lr), noise_multiplier=0.0,
+                               max_grad_norm=1.0, expected_batch_size=4)
+    elif name == "fsdp1":
         model = FullyShardedDataParallel(model, use_orig_params=True,
                                          device_id=torch.device("cpu"))
     elif name == "drop_hsdp":  # a 2-D mesh (replicate × shard): FSDP does not average
@@ -208,7 +224,7 @@ def _refusal(rank: int, name: str, out_dir: str) -> str:
         model = _shard_mlp(model)
     try:
         gg.GradGuard(**kwargs).make_guarded(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+            module=model, optimizer=make_optimizer(model.parameters(), lr=0.1))
     except Exception as exc:  # noqa: BLE001 - the test checks the type and message
         return f"{type(exc).__name__}: {exc}"
     return "NOT REFUSED"
@@ -342,6 +358,9 @@ def _full_init(kind: str) -> dict[str, torch.Tensor]:
     ("root_not_sharded", "ValueError", ["fully_shard on the root", "3.weight"]),
     ("probe", "NotImplementedError", ["curvature probe", "DDP"]),
     ("save_every", "NotImplementedError", ["save_every", "torch.distributed.checkpoint"]),
+    ("opacus", "NotImplementedError", ["DPOptimizer", "DPDDP"]),
+    ("optimizer_before_sharding", "ValueError", ["not the model's",
+                                                 "build the optimizer after sharding"]),
 ])
 def test_refusals_name_what_works(runs, name, kind, words):
     for r in runs:
