@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import itertools
 import os
 import socket
 
@@ -132,8 +133,10 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- the workers
-def _train(rank: int, kind: str, guard_kwargs: dict | None, momentum: float = 0.5) -> dict:
-    """FSDP training, with a GradGuard when ``guard_kwargs`` is given."""
+def _train(rank: int, kind: str, guard_kwargs: dict | None, momentum: float = 0.5,
+           accumulate: int = 1) -> dict:
+    """FSDP training, with a GradGuard when ``guard_kwargs`` is given; ``accumulate``
+    micro-batches per step, each loss divided by it (the usual accumulation)."""
     if kind in ("mlp", "cnn"):
         model, ds, batch, epochs = (_shard_mlp(_mlp()), _mlp_data(), MLP_BATCH, 2) \
             if kind == "mlp" else (_shard_cnn(_cnn()), _cnn_data(), CNN_BATCH, 1)
@@ -156,16 +159,20 @@ def _train(rank: int, kind: str, guard_kwargs: dict | None, momentum: float = 0.
     if guard_kwargs is not None:
         guard = gg.GradGuard(lam=LAM, **guard_kwargs)
         model, opt, loader = guard.make_guarded(module=model, optimizer=opt, data_loader=loader,
-                                                loss_reduction=reduction)
+                                                loss_reduction=reduction,
+                                                accumulation_steps=accumulate)
     steps = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
-        for b in loader:
+        batches = iter(loader)  # lazily: the guard tracks what the loader hands out
+        while group := list(itertools.islice(batches, accumulate)):
             opt.zero_grad()
-            loss_of(b).backward()
+            for b in group:
+                (loss_of(b) / accumulate).backward()
             params = _full(model)  # what this step's GNQ is measured at
             opt.step()
             if guard is not None:
+                b = [torch.cat(parts) for parts in zip(*group)]
                 steps.append({"batch": [t.clone() for t in b], "params": params,
                               "gnq": guard.last_gnq.clone(),
                               "weights": guard.last_weights.clone(),
@@ -242,6 +249,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             **{f"mlp_{policy}": _train(rank, "mlp", {"policy": policy, "threshold": tau},
                                        momentum=0.0) for policy, tau in TAU.items()},
             "cnn_monitor": _train(rank, "cnn", {"policy": "monitor"}),
+            "mlp_accumulate": _train(rank, "mlp", {"policy": "monitor"}, accumulate=2),
             "refusals": {name: _refusal(rank, name, out_dir) for name in REFUSALS},
         }
         if HAS_TRANSFORMERS:
@@ -303,11 +311,12 @@ def test_fsdp_is_synchronised_like_ddp(runs):
             s["batch"][0].shape[0] for r in runs for s in r[name]["steps"])
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn",
-                                  pytest.param("gpt2", marks=needs_transformers)])
-def test_per_rank_gnq_matches_per_example_reference(runs, kind):
-    """Each rank's GNQ is that of its own batch, as under DDP (distributed_gnq='local')."""
-    name = f"{kind}_monitor"
+@pytest.mark.parametrize("name", ["mlp_monitor", "cnn_monitor", "mlp_accumulate",
+                                  pytest.param("gpt2_monitor", marks=needs_transformers)])
+def test_per_rank_gnq_matches_per_example_reference(runs, name):
+    """Each rank's GNQ is that of its own batch, as under DDP (distributed_gnq='local');
+    with gradient accumulation, of all its micro-batches of the step."""
+    kind = name.split("_")[0]
     for step in range(len(runs[0][name]["steps"])):
         sizes = [r[name]["steps"][step]["batch"][0].shape[0] for r in runs]
         for rank, r in enumerate(runs):
