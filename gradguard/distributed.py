@@ -97,7 +97,12 @@ def is_ddp_module(module: nn.Module) -> bool:
 
 def fsdp_kind(module: nn.Module) -> str | None:
     """How FSDP shards ``module``: ``"fully_shard"`` (FSDP2, any submodule sharded),
-    ``"FullyShardedDataParallel"`` (FSDP1, any wrapper inside), or ``None``."""
+    ``"FullyShardedDataParallel"`` (FSDP1, any wrapper inside), or ``None``.
+
+    Example:
+        >>> fsdp_kind(nn.Linear(2, 3)) is None
+        True
+    """
     if not dist.is_available():
         return None
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel

@@ -57,7 +57,7 @@ MLP_N, MLP_BATCH = 22, 4  # per rank; 22 / (2·4): the last batch is short
 LM_N, LM_BATCH, LM_T, VOCAB = 12, 3, 6, 23
 CNN_N, CNN_BATCH = 10, 5
 REFUSALS = ("fsdp1", "attention", "root_not_sharded", "probe", "save_every", "drop_hsdp",
-            "opacus", "optimizer_before_sharding")
+            "opacus", "optimizer_before_sharding", "unguarded")
 
 
 # ----------------------------------------------------------------------------- models, data
@@ -189,10 +189,13 @@ def _refusal(rank: int, name: str, out_dir: str) -> str:
     """The message make_guarded refuses ``name`` with (rank-local: no collective runs)."""
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
-    kwargs = {}
+    kwargs, attach = {}, {}
     model = _mlp()
     make_optimizer = torch.optim.SGD
-    if name == "optimizer_before_sharding":
+    if name == "unguarded":  # the sharded parameters' bookkeeping: params= leaves some out
+        model = _shard_mlp(model)
+        attach = {"params": list(model[3].parameters())}
+    elif name == "optimizer_before_sharding":
         early = torch.optim.SGD(model.parameters(), lr=0.1)
         model = _shard_mlp(model)
 
@@ -231,7 +234,7 @@ def _refusal(rank: int, name: str, out_dir: str) -> str:
         model = _shard_mlp(model)
     try:
         gg.GradGuard(**kwargs).make_guarded(
-            module=model, optimizer=make_optimizer(model.parameters(), lr=0.1))
+            module=model, optimizer=make_optimizer(model.parameters(), lr=0.1), **attach)
     except Exception as exc:  # noqa: BLE001 - the test checks the type and message
         return f"{type(exc).__name__}: {exc}"
     return "NOT REFUSED"
@@ -368,6 +371,8 @@ def _full_init(kind: str) -> dict[str, torch.Tensor]:
     ("probe", "NotImplementedError", ["curvature probe", "DDP"]),
     ("save_every", "NotImplementedError", ["save_every", "torch.distributed.checkpoint"]),
     ("opacus", "NotImplementedError", ["DPOptimizer", "DPDDP"]),
+    ("unguarded", "ValueError", ["does not guard: ['0.weight', '0.bias', '2.weight', "
+                                 "'2.bias']"]),
     ("optimizer_before_sharding", "ValueError", ["not the model's",
                                                  "build the optimizer after sharding"]),
 ])

@@ -136,7 +136,12 @@ def register_kernel(*layer_types: type) -> Callable:
 
 def layer_type(module: nn.Module) -> type:
     """``module``'s own layer class: the class ``fully_shard`` replaced, for a module it
-    sharded (FSDP2 swaps the class for a subclass ``FSDP<Layer>(FSDPModule, Layer)``)."""
+    sharded (FSDP2 swaps the class for a subclass ``FSDP<Layer>(FSDPModule, Layer)``).
+
+    Example:
+        >>> layer_type(nn.Linear(2, 3)) is nn.Linear
+        True
+    """
     t = type(module)
     fsdp = sys.modules.get("torch.distributed.fsdp")
     fsdp_module = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
@@ -146,7 +151,12 @@ def layer_type(module: nn.Module) -> type:
 
 
 def is_sharded(tensor) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (an FSDP2-sharded parameter between steps)."""
+    """Whether ``tensor`` is a ``DTensor`` (an FSDP2-sharded parameter between steps).
+
+    Example:
+        >>> is_sharded(nn.Linear(2, 3).weight)
+        False
+    """
     dt = sys.modules.get("torch.distributed.tensor")
     kind = getattr(dt, "DTensor", None) if dt is not None else None
     return kind is not None and isinstance(tensor, kind)
