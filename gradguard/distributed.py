@@ -407,9 +407,14 @@ def resolve_sync(*, module: nn.Module, optimizer, enabled: bool | None, gnq_mode
     if enabled and not ready:
         raise ValueError("distributed=True needs torch.distributed.init_process_group(...) to "
                          "run before make_guarded; pass distributed=None to detect it.")
-    if not ready or dist.get_world_size(group) < 2:
+    if not ready:
         return None
-    if enabled is None and not (is_ddp_module(module) or fsdp_kind(module) is not None
+    sharded = fsdp_kind(module) is not None
+    # (FSDP's gradients are DTensor shards even on one rank: only the collective steps
+    # write them, so a one-rank group keeps them)
+    if dist.get_world_size(group) < 2 and not sharded:
+        return None
+    if enabled is None and not (is_ddp_module(module) or sharded
                                 or _is_distributed_dp_optimizer(optimizer)):
         return None
     return DistributedSync(gnq_mode=gnq_mode, group=group, device=device)

@@ -416,8 +416,8 @@ class GradGuard:
                 "gradguard does not support FSDP1 (FullyShardedDataParallel): its flat "
                 "parameters give each original parameter a flattened shard of its gradient, "
                 "which cannot be matched to per-example captures. Shard with FSDP2's "
-                "torch.distributed.fsdp.fully_shard (supported), or "
-                "use DDP (DistributedDataParallel).")
+                "torch.distributed.fsdp.fully_shard (supported), or use DDP "
+                "(DistributedDataParallel).")
         if is_dp_optimizer(optimizer):
             raise NotImplementedError(
                 "Opacus's DPOptimizer on a fully_shard model is not supported by gradguard "

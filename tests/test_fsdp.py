@@ -134,7 +134,7 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- the workers
 def _train(rank: int, kind: str, guard_kwargs: dict | None, momentum: float = 0.5,
-           accumulate: int = 1) -> dict:
+           accumulate: int = 1, world: int = WORLD) -> dict:
     """FSDP training, with a GradGuard when ``guard_kwargs`` is given; ``accumulate``
     micro-batches per step, each loss divided by it (the usual accumulation)."""
     if kind in ("mlp", "cnn"):
@@ -153,7 +153,7 @@ def _train(rank: int, kind: str, guard_kwargs: dict | None, momentum: float = 0.
             (ids,) = batch_
             return causal_lm_loss(model(input_ids=ids).logits, ids)  # called the plain way
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
-    sampler = DistributedSampler(ds, num_replicas=WORLD, rank=rank, shuffle=True, seed=0)
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(ds, batch_size=batch, sampler=sampler)
     guard = None
     if guard_kwargs is not None:
@@ -240,11 +240,17 @@ def _refusal(rank: int, name: str, out_dir: str) -> str:
     return "NOT REFUSED"
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, world: int = WORLD) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
+        if world == 1:  # FSDP on one rank: gradients are still DTensors
+            results = {"mlp_drop": _train(rank, "mlp", {"policy": "drop",
+                                                        "threshold": TAU["drop"]},
+                                          momentum=0.0, world=1)}
+            torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+            return
         results = {
             "mlp_plain": _train(rank, "mlp", None),
             "mlp_monitor": _train(rank, "mlp", {"policy": "monitor"}),
@@ -269,12 +275,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(out_dir: str, world: int) -> list[dict]:
+    mp.spawn(_worker, args=(_free_port(), out_dir, world), nprocs=world, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+            for r in range(world)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("fsdp"))
-    mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
-            for r in range(WORLD)]
+    return _spawn(str(tmp_path_factory.mktemp("fsdp")), WORLD)
 
 
 # ----------------------------------------------------------------------------- references
@@ -389,6 +398,16 @@ def test_policy_update_is_the_ranks_average_of_the_weighted_examples(runs, polic
     """clip/drop under FSDP: each rank's sharded ``.grad`` is its shard of
     Σ_ranks Σ_j w_j g_j / (B · ranks), as under DDP; checked step by step on plain SGD
     against torch.func per-example gradients at the step's full parameters."""
+    _check_policy_updates(runs, policy)
+
+
+def test_drop_on_a_one_rank_fsdp_group(tmp_path):
+    """FSDP on one rank still holds DTensor gradients: the rewrite goes through the same
+    collective steps (a one-rank group), not refused, not wrong."""
+    _check_policy_updates(_spawn(str(tmp_path), 1), "drop")
+
+
+def _check_policy_updates(runs: list[dict], policy: str) -> None:
     name = f"mlp_{policy}"
     names = [n for n, _ in _mlp().named_parameters()]
     steps = runs[0][name]["steps"]
@@ -408,11 +427,12 @@ def test_policy_update_is_the_ranks_average_of_the_weighted_examples(runs, polic
                 start += g.shape[0]
                 assert float(gnq_explicit(wg, LAM).max()) <= TAU["clip"] * (1 + 1e-6)
         acted += int((w < 1).sum())
-        update = (w[:, None] * torch.cat(G)).sum(0) / (MLP_BATCH * WORLD)
+        update = (w[:, None] * torch.cat(G)).sum(0) / (MLP_BATCH * len(runs))
         after = steps[t + 1]["params"] if t + 1 < len(steps) else runs[0][name]["final"]
         before = torch.cat([s["params"][n].reshape(-1) for n in names])
         torch.testing.assert_close(torch.cat([after[n].reshape(-1) for n in names]),
                                    before - LR * update, rtol=1e-10, atol=1e-12)
     assert acted > 0, "the policy never acted: the test would not see a wrong rewrite"
-    for n in names:  # one model on every rank
-        assert torch.equal(runs[0][name]["final"][n], runs[1][name]["final"][n]), n
+    for r in runs[1:]:  # one model on every rank
+        for n in names:
+            assert torch.equal(runs[0][name]["final"][n], r[name]["final"][n]), n
