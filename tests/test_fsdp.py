@@ -6,11 +6,12 @@ exact as under DDP, while parameters and ``.grad`` are DTensor shards between st
 
 One spawn runs every scenario on both ranks and saves what each rank saw: each step's
 local batch, the full parameters the step's GNQ was measured at, and the GNQ the guard
-recorded. The tests compare that GNQ with references built here on unsharded copies
-(torch.func per-example gradients or a per-example backward loop, explicit float64
-solves), check that the guard leaves training bit for bit as FSDP alone, and check the
-refusals' messages. (Before this, gradguard refused FSDP outright; this file asserted
-that refusal.)
+recorded. The tests compare that GNQ (per rank, global, with gradient accumulation) and
+each clip/drop update with references built here on unsharded copies (torch.func
+per-example gradients or a per-example backward loop, explicit float64 solves), check
+that ``monitor`` leaves training bit for bit as FSDP alone, and check the refusals'
+messages. (Before this, gradguard refused FSDP outright; this file asserted that
+refusal.)
 """
 
 from __future__ import annotations
