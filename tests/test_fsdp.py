@@ -53,7 +53,8 @@ needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS,
 WORLD = 2
 LAM = 1e-2
 LR = 0.3
-TAU = {"drop": 300.0, "clip": 200.0}  # absolute thresholds that act on a few examples per step
+# (kind, policy): absolute thresholds that act on a few examples per step
+TAU = {("mlp", "drop"): 300.0, ("mlp", "clip"): 200.0, ("encoder", "drop"): 300.0}
 MLP_N, MLP_BATCH = 22, 4  # per rank; 22 / (2·4): the last batch is short
 LM_N, LM_BATCH, LM_T, VOCAB = 12, 3, 6, 23
 CNN_N, CNN_BATCH = 10, 5
@@ -62,6 +63,17 @@ REFUSALS = ("fsdp1", "attention", "root_not_sharded", "probe", "save_every", "dr
 
 
 # ----------------------------------------------------------------------------- models, data
+def _sharded(blocks_of):
+    """fully_shard each block ``blocks_of(model)`` names, then the root."""
+    def shard(model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks_of(model):
+            fully_shard(block)
+        return fully_shard(model)
+    return shard
+
+
 def _mlp() -> nn.Module:
     """Odd widths, so FSDP's dim-0 shards are uneven (4 + 3 rows)."""
     g = torch.Generator().manual_seed(11)
@@ -72,10 +84,25 @@ def _mlp() -> nn.Module:
     return model
 
 
-def _mlp_data() -> TensorDataset:
-    g = torch.Generator().manual_seed(12)
-    return TensorDataset(torch.randn(MLP_N, 6, generator=g, dtype=torch.float64),
-                         torch.randint(0, 3, (MLP_N,), generator=g))
+def _cnn() -> nn.Module:
+    torch.manual_seed(15)
+    return nn.Sequential(nn.Conv1d(3, 5, 3), nn.GroupNorm(1, 5), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(30, 3)).double()
+
+
+class _Encoder(nn.Module):
+    """A transformer layer (nn.MultiheadAttention, whose kernel reads its weights' values)
+    and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(17)
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0,
+                                                batch_first=True).double()
+        self.head = nn.Linear(8, 3).double()
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
 
 
 def _gpt2() -> nn.Module:
@@ -88,44 +115,40 @@ def _gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg).to(torch.float64)  # lm_head tied to wte
 
 
-def _lm_data() -> TensorDataset:
-    g = torch.Generator().manual_seed(14)
-    return TensorDataset(torch.randint(1, VOCAB, (LM_N, LM_T), generator=g))
+def _llama() -> nn.Module:
+    """Rotary positions, no biases, and LlamaRMSNorm (torch.func: reads its weight)."""
+    import transformers
+
+    torch.manual_seed(18)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=12,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=32,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).to(torch.float64)
+
+
+def _data(kind: str) -> TensorDataset:
+    g = torch.Generator().manual_seed(12)
+    if kind in ("gpt2", "llama"):
+        return TensorDataset(torch.randint(1, VOCAB, (LM_N, LM_T), generator=g))
+    n, shape = {"mlp": (MLP_N, (6,)), "cnn": (CNN_N, (3, 8)), "encoder": (CNN_N, (5, 8))}[kind]
+    return TensorDataset(torch.randn(n, *shape, generator=g, dtype=torch.float64),
+                         torch.randint(0, 3, (n,), generator=g))
+
+
+# kind: (model factory, sharding, per-rank batch, epochs)
+KINDS = {
+    "mlp": (_mlp, _sharded(lambda m: [m[0], m[2]]), MLP_BATCH, 2),  # m[2]: FSDPLayerNorm
+    "cnn": (_cnn, _sharded(lambda m: [m[0]]), CNN_BATCH, 1),
+    "encoder": (_Encoder, _sharded(lambda m: [m.layer]), CNN_BATCH, 1),
+    "gpt2": (_gpt2, _sharded(lambda m: m.transformer.h), LM_BATCH, 1),
+    "llama": (_llama, _sharded(lambda m: m.model.layers), LM_BATCH, 1),
+}
+LANGUAGE_MODELS = ("gpt2", "llama")
 
 
 def _shard_mlp(model: nn.Module) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    fully_shard(model[0])
-    fully_shard(model[2])  # a LayerNorm: its class becomes FSDPLayerNorm
-    return fully_shard(model)
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(15)
-    return nn.Sequential(nn.Conv1d(3, 5, 3), nn.GroupNorm(1, 5), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(30, 3)).double()
-
-
-def _cnn_data() -> TensorDataset:
-    g = torch.Generator().manual_seed(16)
-    return TensorDataset(torch.randn(CNN_N, 3, 8, generator=g, dtype=torch.float64),
-                         torch.randint(0, 3, (CNN_N,), generator=g))
-
-
-def _shard_cnn(model: nn.Module) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    fully_shard(model[0])
-    return fully_shard(model)
-
-
-def _shard_gpt2(model: nn.Module) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    for block in model.transformer.h:
-        fully_shard(block)
-    return fully_shard(model)
+    return KINDS["mlp"][1](model)
 
 
 def _full(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -138,21 +161,17 @@ def _train(rank: int, kind: str, guard_kwargs: dict | None, momentum: float = 0.
            accumulate: int = 1, world: int = WORLD) -> dict:
     """FSDP training, with a GradGuard when ``guard_kwargs`` is given; ``accumulate``
     micro-batches per step, each loss divided by it (the usual accumulation)."""
-    if kind in ("mlp", "cnn"):
-        model, ds, batch, epochs = (_shard_mlp(_mlp()), _mlp_data(), MLP_BATCH, 2) \
-            if kind == "mlp" else (_shard_cnn(_cnn()), _cnn_data(), CNN_BATCH, 1)
-        reduction = "mean"
+    factory, shard, batch, epochs = KINDS[kind]
+    model, ds = shard(factory()), _data(kind)
+    reduction = "sum" if kind in LANGUAGE_MODELS else "mean"
 
-        def loss_of(batch_):
-            x, y = batch_
-            return F.cross_entropy(model(x), y)
-    else:
-        model, ds, batch, epochs = _shard_gpt2(_gpt2()), _lm_data(), LM_BATCH, 1
-        reduction = "sum"
-
-        def loss_of(batch_):
+    def loss_of(batch_):
+        if kind in LANGUAGE_MODELS:
             (ids,) = batch_
             return causal_lm_loss(model(input_ids=ids).logits, ids)  # called the plain way
+        x, y = batch_
+        return F.cross_entropy(model(x), y)
+
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(ds, batch_size=batch, sampler=sampler)
@@ -227,7 +246,7 @@ def _refusal(rank: int, name: str, out_dir: str) -> str:
     elif name == "root_not_sharded":
         fully_shard(model[0])
     elif name == "probe":
-        ds = _mlp_data()
+        ds = _data("mlp")
         kwargs = {"curvature": gg.CurvatureProbe(ds, ds, every=1, n_examples=2)}
         model = _shard_mlp(model)
     elif name == "save_every":
@@ -248,7 +267,7 @@ def _worker(rank: int, port: int, out_dir: str, world: int = WORLD) -> None:
     try:
         if world == 1:  # FSDP on one rank: gradients are still DTensors
             results = {"mlp_drop": _train(rank, "mlp", {"policy": "drop",
-                                                        "threshold": TAU["drop"]},
+                                                        "threshold": TAU["mlp", "drop"]},
                                           momentum=0.0, world=1)}
             torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
             return
@@ -256,15 +275,17 @@ def _worker(rank: int, port: int, out_dir: str, world: int = WORLD) -> None:
             "mlp_plain": _train(rank, "mlp", None),
             "mlp_monitor": _train(rank, "mlp", {"policy": "monitor"}),
             "mlp_global": _train(rank, "mlp", {"policy": "monitor", "distributed_gnq": "global"}),
-            **{f"mlp_{policy}": _train(rank, "mlp", {"policy": policy, "threshold": tau},
-                                       momentum=0.0) for policy, tau in TAU.items()},
+            **{f"{kind}_{policy}": _train(rank, kind, {"policy": policy, "threshold": tau},
+                                          momentum=0.0) for (kind, policy), tau in TAU.items()},
             "cnn_monitor": _train(rank, "cnn", {"policy": "monitor"}),
+            "encoder_monitor": _train(rank, "encoder", {"policy": "monitor"}),
             "mlp_accumulate": _train(rank, "mlp", {"policy": "monitor"}, accumulate=2),
             "refusals": {name: _refusal(rank, name, out_dir) for name in REFUSALS},
         }
         if HAS_TRANSFORMERS:
             results["gpt2_plain"] = _train(rank, "gpt2", None)
             results["gpt2_monitor"] = _train(rank, "gpt2", {"policy": "monitor"})
+            results["llama_monitor"] = _train(rank, "llama", {"policy": "monitor"})
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -294,22 +315,23 @@ def _own(rank: int, sizes: list[int]) -> slice:
     return slice(start, start + sizes[rank])
 
 
-def _mlp_rows(params: dict, x: torch.Tensor, y: torch.Tensor, factory=_mlp) -> torch.Tensor:
-    """[B, P] per-example gradients of an unsharded MLP (or ``factory()``) at ``params``
-    (torch.func)."""
-    model = factory()
-    model.load_state_dict(params)
-    return per_example_grads(model, ce_sum, x, y)
-
-
-def _lm_rows(params: dict, ids: torch.Tensor) -> torch.Tensor:
-    """[B, P] per-example gradients of an unsharded GPT-2 at ``params`` (one backward per
-    example, the model called on that example alone)."""
-    model = _gpt2()
-    model.load_state_dict(params, strict=False)  # lm_head.weight is wte.weight
+def _rows(kind: str, params: dict, batch: list[torch.Tensor]) -> torch.Tensor:
+    """[B, P] per-example gradients of an unsharded ``kind`` model at ``params``: by
+    torch.func, or for language models one backward per example, called on it alone."""
+    model = KINDS[kind][0]()
+    model.load_state_dict(params, strict=kind != "gpt2")  # GPT-2: lm_head.weight is wte's
+    if kind not in LANGUAGE_MODELS:
+        return per_example_grads(model, ce_sum, *batch)
+    (ids,) = batch
     return per_example_loop_grads(
         model, lambda i: causal_lm_loss(model(input_ids=ids[i:i + 1]).logits, ids[i:i + 1]),
         ids.shape[0])
+
+
+def _gnq(kind: str, G: torch.Tensor) -> torch.Tensor:
+    """Explicit float64 solves: P × P where P is small, else one batch-space solve per
+    example (push-through)."""
+    return gnq_push_through(G, LAM) if kind in LANGUAGE_MODELS else gnq_explicit(G, LAM)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -324,21 +346,20 @@ def test_fsdp_is_synchronised_like_ddp(runs):
             s["batch"][0].shape[0] for r in runs for s in r[name]["steps"])
 
 
-@pytest.mark.parametrize("name", ["mlp_monitor", "cnn_monitor", "mlp_accumulate",
-                                  pytest.param("gpt2_monitor", marks=needs_transformers)])
+@pytest.mark.parametrize("name", [
+    "mlp_monitor", "cnn_monitor", "encoder_monitor", "mlp_accumulate",
+    pytest.param("gpt2_monitor", marks=needs_transformers),
+    pytest.param("llama_monitor", marks=needs_transformers)])
 def test_per_rank_gnq_matches_per_example_reference(runs, name):
     """Each rank's GNQ is that of its own batch, as under DDP (distributed_gnq='local');
-    with gradient accumulation, of all its micro-batches of the step."""
+    with gradient accumulation, of all its micro-batches of the step. (encoder, llama:
+    layers whose kernels read their sharded weights' values, gathered whole.)"""
     kind = name.split("_")[0]
     for step in range(len(runs[0][name]["steps"])):
         sizes = [r[name]["steps"][step]["batch"][0].shape[0] for r in runs]
         for rank, r in enumerate(runs):
             s = r[name]["steps"][step]
-            if kind in ("mlp", "cnn"):
-                factory = _mlp if kind == "mlp" else _cnn
-                ref = gnq_explicit(_mlp_rows(s["params"], *s["batch"], factory=factory), LAM)
-            else:
-                ref = gnq_push_through(_lm_rows(s["params"], s["batch"][0]), LAM)
+            ref = _gnq(kind, _rows(kind, s["params"], s["batch"]))
             got = s["gnq"][_own(rank, sizes)]
             assert rel_err(got, ref) < 1e-8, (kind, step, rank)
         # the ranks hold the same global-batch vector
@@ -349,8 +370,8 @@ def test_global_gnq_matches_reference_over_both_ranks_batches(runs):
     """distributed_gnq='global' works under FSDP too: per-example gradients are whole on
     each rank (from whole captures), so they are gathered exactly as under DDP."""
     for step in range(len(runs[0]["mlp_global"]["steps"])):
-        rows = torch.cat([_mlp_rows(r["mlp_global"]["steps"][step]["params"],
-                                    *r["mlp_global"]["steps"][step]["batch"]) for r in runs])
+        rows = torch.cat([_rows("mlp", r["mlp_global"]["steps"][step]["params"],
+                                r["mlp_global"]["steps"][step]["batch"]) for r in runs])
         ref = gnq_explicit(rows, LAM)
         for r in runs:
             assert rel_err(r["mlp_global"]["steps"][step]["gnq"], ref) < 1e-8, step
@@ -368,15 +389,15 @@ def test_monitor_trains_bit_for_bit_as_fsdp_alone(runs, kind):
 
 
 def _full_init(kind: str) -> dict[str, torch.Tensor]:
-    model = _mlp() if kind == "mlp" else _gpt2()
-    return {n: p.detach() for n, p in model.named_parameters()}
+    return {n: p.detach() for n, p in KINDS[kind][0]().named_parameters()}
 
 
 @pytest.mark.parametrize("name,kind,words", [
     ("fsdp1", "ValueError", ["FullyShardedDataParallel", "fully_shard", "DDP"]),
     ("drop_hsdp", "NotImplementedError", ["policy='drop'", "1-D mesh", "(2, 2)",
                                           "policy='monitor'"]),
-    ("attention", "UnsupportedLayerError", ["self_attn", "MultiheadAttention", "DDP"]),
+    ("attention", "UnsupportedLayerError", ["self_attn", "MultiheadAttention",
+                                            "fully_shard on the block"]),
     ("root_not_sharded", "ValueError", ["fully_shard on the root", "3.weight"]),
     ("probe", "NotImplementedError", ["curvature probe", "DDP"]),
     ("save_every", "NotImplementedError", ["save_every", "torch.distributed.checkpoint"]),
@@ -394,41 +415,41 @@ def test_refusals_name_what_works(runs, name, kind, words):
             assert w in message, (w, message)
 
 
-@pytest.mark.parametrize("policy", ["drop", "clip"])
-def test_policy_update_is_the_ranks_average_of_the_weighted_examples(runs, policy):
+@pytest.mark.parametrize("name", ["mlp_drop", "mlp_clip", "encoder_drop"])
+def test_policy_update_is_the_ranks_average_of_the_weighted_examples(runs, name):
     """clip/drop under FSDP: each rank's sharded ``.grad`` is its shard of
     Σ_ranks Σ_j w_j g_j / (B · ranks), as under DDP; checked step by step on plain SGD
     against torch.func per-example gradients at the step's full parameters."""
-    _check_policy_updates(runs, policy)
+    _check_policy_updates(runs, name)
 
 
 def test_drop_on_a_one_rank_fsdp_group(tmp_path):
     """FSDP on one rank still holds DTensor gradients: the rewrite goes through the same
     collective steps (a one-rank group), not refused, not wrong."""
-    _check_policy_updates(_spawn(str(tmp_path), 1), "drop")
+    _check_policy_updates(_spawn(str(tmp_path), 1), "mlp_drop")
 
 
-def _check_policy_updates(runs: list[dict], policy: str) -> None:
-    name = f"mlp_{policy}"
-    names = [n for n, _ in _mlp().named_parameters()]
+def _check_policy_updates(runs: list[dict], name: str) -> None:
+    kind, policy = name.split("_")
+    names = list(_full_init(kind))
     steps = runs[0][name]["steps"]
     acted = 0
     for t, s in enumerate(steps):
-        G = [_mlp_rows(r[name]["steps"][t]["params"], *r[name]["steps"][t]["batch"])
+        G = [_rows(kind, r[name]["steps"][t]["params"], r[name]["steps"][t]["batch"])
              for r in runs]
-        torch.testing.assert_close(s["gnq"], torch.cat([gnq_explicit(g, LAM) for g in G]),
+        torch.testing.assert_close(s["gnq"], torch.cat([_gnq(kind, g) for g in G]),
                                    rtol=1e-8, atol=0)
         w = s["weights"]
         if policy == "drop":
-            assert torch.equal(w, (s["gnq"] <= TAU["drop"]).to(w.dtype))
+            assert torch.equal(w, (s["gnq"] <= TAU[kind, "drop"]).to(w.dtype))
         else:  # no example's effective GNQ (its weighted rank batch's) exceeds τ
             start = 0
             for g in G:
                 wg = w[start:start + g.shape[0], None] * g
                 start += g.shape[0]
-                assert float(gnq_explicit(wg, LAM).max()) <= TAU["clip"] * (1 + 1e-6)
+                assert float(_gnq(kind, wg).max()) <= TAU[kind, "clip"] * (1 + 1e-6)
         acted += int((w < 1).sum())
-        update = (w[:, None] * torch.cat(G)).sum(0) / (MLP_BATCH * len(runs))
+        update = (w[:, None] * torch.cat(G)).sum(0) / (KINDS[kind][2] * len(runs))
         after = steps[t + 1]["params"] if t + 1 < len(steps) else runs[0][name]["final"]
         before = torch.cat([s["params"][n].reshape(-1) for n in names])
         torch.testing.assert_close(torch.cat([after[n].reshape(-1) for n in names]),

@@ -218,7 +218,7 @@ class GramHooks:
             self._owners.append(owner)
             self._handles.append(m.register_forward_hook(self._make_forward_hook(idx),
                                                          with_kwargs=True))
-        self._check_sharded()
+        self._find_sharded_values()
         self._handles.append(self.module.register_forward_pre_hook(self._root_pre_hook,
                                                                    with_kwargs=True))
         self._handles.append(self.module.register_forward_hook(
@@ -227,28 +227,56 @@ class GramHooks:
             if p.requires_grad:  # frozen now: never guarded, and hooks need requires_grad
                 self._handles.append(p.register_post_accumulate_grad_hook(self._mark_received))
 
-    def _check_sharded(self) -> None:
-        """Refuse FSDP-sharded layers whose kernel needs the parameters' values.
+    def _find_sharded_values(self) -> None:
+        """The FSDP-sharded parameters whose values a kernel reads, gathered whole while
+        kernels run (:meth:`_computing`).
 
         Under FSDP2 (``fully_shard``) the captured inputs and output gradients are whole on
         each rank, so kernels that need only them and the parameters' shapes (Linear,
-        Conv, Embedding, GPT-2's Conv1D, norms) are exact; between steps, when the Gram is
-        formed, each parameter is a DTensor shard, so kernels that re-run the layer
-        (torch.func, MultiheadAttention, RNNs, custom grad samplers) cannot.
+        Conv, Embedding, GPT-2's Conv1D, norms) work on the shards as they are. Kernels
+        that re-run the layer (torch.func, MultiheadAttention, RNNs, custom grad samplers)
+        need the values, which are DTensor shards between steps: those parameters are
+        all-gathered, in the same order on every rank, for the computation. A layer that
+        is itself sharded by ``fully_shard`` would run FSDP's hooks when re-run: refused.
         """
-        bad = [f"{o.path} ({layer_type(o.module).__name__})" for o in self._owners
-               if o.kernel.reads_parameters and any(is_sharded(p) for p in o.params)
-               and any(self._guarded(p) for p in o.params)]
-        if bad:
+        self._sharded_values: list[tuple[nn.Module, str, nn.Parameter]] = []
+        refused = []
+        for o in self._owners:
+            if not o.kernel.reads_parameters or not any(self._guarded(p) for p in o.params):
+                continue
+            subtree = list(o.module.modules()) if o.kernel.covers_submodules else [o.module]
+            slots = [(m, n, p) for m in subtree for n, p in m._parameters.items()
+                     if p is not None and is_sharded(p)]
+            if slots and any(type(m) is not layer_type(m) for m in subtree):
+                refused.append(f"{o.path} ({layer_type(o.module).__name__})")
+            self._sharded_values += slots
+        if refused:
             raise UnsupportedLayerError(
-                f"under FSDP (fully_shard) gradguard supports layers whose per-example "
-                f"gradients follow from their inputs and output gradients alone (nn.Linear, "
-                f"nn.Conv*, nn.Embedding, GPT-2's Conv1D, LayerNorm/GroupNorm/RMSNorm); "
-                f"{bad[:10]} need their parameters' values, which FSDP holds as shards "
-                "between steps. Train such models with DDP (DistributedDataParallel) or on "
-                "one device, freeze those layers (or leave them out with params=), or "
-                "register a kernel for them that reads only the inputs and output gradients "
-                "(a LayerKernel with reads_parameters = False).")
+                f"{refused[:10]} are sharded by fully_shard themselves, and their per-example "
+                "gradients re-run the layer with its parameters' values, which would run "
+                "FSDP's hooks (collectives) per example. Call fully_shard on the block that "
+                "contains them instead (e.g. the transformer layer), or freeze them.")
+
+    @contextlib.contextmanager
+    def _computing(self):
+        """Kernels run here: nothing is captured, and sharded parameters whose values a
+        kernel reads are whole (all-gathered on every rank, restored afterwards).
+
+        Every rank enters this block at the same points of a step, whatever its batch,
+        so the all-gathers pair up.
+        """
+        swapped = []
+        self._paused = True
+        try:
+            for m, name, p in self._sharded_values:
+                # (the shards' dim-0 padding and placements are the DTensor's business)
+                m._parameters[name] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                swapped.append((m, name, p))
+            yield
+        finally:
+            for m, name, p in swapped:
+                m._parameters[name] = p
+            self._paused = False
 
     def _all_params(self) -> list[nn.Parameter]:
         seen, out = set(), []
@@ -623,11 +651,8 @@ class GramHooks:
         batch, calls = self._collect()
         device = _first_param_device(self.module)
         K = torch.zeros(batch, batch, dtype=torch.float64, device=device)
-        if batch == 0:
-            return K
         solo, tied = self._plan(calls)
-        self._paused = True
-        try:
+        with self._computing():  # (on every rank, also with an empty batch)
             for idx, names in solo.items():
                 if not names:
                     continue
@@ -653,8 +678,6 @@ class GramHooks:
                     part = o.kernel.per_example_grads(o.module, calls[idx], batch, [n])[n]
                     g = part if g is None else g + part
                 K += _gram_of([g], batch, self.gram_dtype)
-        finally:
-            self._paused = False
         if self._scale != 1:
             K *= float(self._scale) ** 2
         # Layer Grams formed in float32 (chunked einsums) are symmetric only to rounding,
@@ -666,8 +689,7 @@ class GramHooks:
         batch, calls = self._collect()
         out: dict[nn.Parameter, torch.Tensor] = {}
         solo, tied = self._plan(calls)
-        self._paused = True
-        try:
+        with self._computing():
             for idx, names in solo.items():
                 o = self._owners[idx]
                 if names:
@@ -679,8 +701,6 @@ class GramHooks:
                     o = self._owners[idx]
                     g = o.kernel.per_example_grads(o.module, calls[idx], batch, [n])[n]
                     out[p] = g if p not in out else out[p] + g
-        finally:
-            self._paused = False
         if self._scale != 1:
             out = {p: g * self._scale for p, g in out.items()}
         return out
@@ -693,16 +713,13 @@ class GramHooks:
         """
         calls, weights, jobs = self._weighted_jobs(weights)
         out: dict[nn.Parameter, torch.Tensor] = {}
-        self._paused = True
-        try:
+        with self._computing():
             for idx, names in jobs:
                 o = self._owners[idx]
                 for n, g in o.kernel.weighted_grads(o.module, calls[idx], weights, names).items():
                     p = _param(o, n)
                     g = g.to(p.dtype)
                     out[p] = g if p not in out else out[p] + g
-        finally:
-            self._paused = False
         return out
 
     def _weighted_jobs(self, weights: torch.Tensor):
