@@ -37,11 +37,14 @@ and output gradients of its own examples, and its local Gram is exact as under D
 GNQ modes; ``"global"`` gathers whole per-example gradients). Between steps parameters and
 ``.grad`` are DTensor shards, which decides what works:
 
-- kernels that need only the captures and the parameters' shapes are exact (nn.Linear,
-  nn.Conv*, nn.Embedding, GPT-2's Conv1D and its tied LM head, the norm layers); a
-  sharded layer whose kernel re-runs the layer with its parameter values
-  (torch.func fallback, MultiheadAttention, RNNs, custom grad samplers) is refused when
-  the guard attaches;
+- kernels that need only the captures and the parameters' shapes work on the shards as
+  they are (nn.Linear, nn.Conv*, nn.Embedding, GPT-2's Conv1D and its tied LM head, the
+  norm layers); kernels that re-run the layer with its parameter values (the torch.func
+  fallback, e.g. LlamaRMSNorm; MultiheadAttention; RNNs; custom grad samplers) get those
+  parameters all-gathered whole while they run, on every rank in the same order: one
+  all-gather per such parameter per step, and that layer's full weights in memory for
+  the moment. Such a layer sharded by ``fully_shard`` itself is refused (re-running it
+  would run FSDP's hooks): shard the block that contains it;
 - ``clip``/``drop`` rebuild Σ_j w_j g_j / B whole from the rank's captures, average it
   over the ranks and keep the rank's shard (:func:`average_into_shards`): what FSDP's
   reduce-scatter gives for a backward over the weighted examples. That needs FSDP to

@@ -308,8 +308,9 @@ class GradGuard:
                 ``fully_shard`` model whose root is not sharded.
             NotImplementedError: under ``fully_shard``: clip/drop on a 2-D (HSDP) mesh, the
                 curvature probe, ``save_every``.
-            UnsupportedLayerError: under ``fully_shard``, a sharded layer whose kernel
-                reads its parameters' values (MultiheadAttention, RNNs, torch.func layers);
+            UnsupportedLayerError: under ``fully_shard``, a layer sharded by
+                ``fully_shard`` itself whose kernel re-runs it with its parameters' values
+                (MultiheadAttention, RNNs, torch.func layers: shard their block instead);
                 see :mod:`gradguard.distributed`.
         """
         if loss_reduction not in ("mean", "sum"):

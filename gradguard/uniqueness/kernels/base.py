@@ -92,8 +92,8 @@ class LayerKernel:
     #: (MultiheadAttention, RNNs), not from the hooks' trace of the model's inputs.
     own_batch_dims: bool = False
     #: the kernel reads the values of the layer's parameters (re-running the layer, as
-    #: torch.func or an RNN replay does), not only their shapes. Such a kernel cannot run
-    #: on FSDP-sharded parameters (DTensor shards between steps); the hooks refuse it there.
+    #: torch.func or an RNN replay does), not only their shapes. Under FSDP the hooks
+    #: all-gather such a layer's sharded parameters whole while the kernel runs.
     reads_parameters: bool = True
 
     def per_example_grads(self, module: nn.Module, calls: Sequence[LayerCall], batch_size: int,
