@@ -193,8 +193,7 @@ class HookGramSource(_OneProcess):
                 ) -> dict[nn.Parameter, torch.Tensor | None]:
         """Σ_j w_j g_j / denom per guarded parameter, whole (also for an FSDP shard);
         ``None`` where no captured example reached the parameter."""
-        # (also with no example: under FSDP every rank takes part in the same gathers)
-        new = self.hooks.weighted_grads(weights / denom)
+        new = self.hooks.weighted_grads(weights / denom)  # (also with no example: see there)
         return {p: new.get(p) for p in self.guarded_params()}
 
     def clear(self) -> None:

@@ -239,13 +239,13 @@ class GramHooks:
         all-gathered, in the same order on every rank, for the computation. A layer that
         is itself sharded by ``fully_shard`` would run FSDP's hooks when re-run: refused.
         """
-        self._sharded_values: list[tuple[nn.Module, str, nn.Parameter]] = []
+        self._sharded_values: list[tuple[nn.Module, str]] = []  # (module, parameter name)
         refused = []
         for o in self._owners:
             if not o.kernel.reads_parameters or not any(self._guarded(p) for p in o.params):
                 continue
             subtree = list(o.module.modules()) if o.kernel.covers_submodules else [o.module]
-            slots = [(m, n, p) for m in subtree for n, p in m._parameters.items()
+            slots = [(m, n) for m in subtree for n, p in m._parameters.items()
                      if p is not None and is_sharded(p)]
             if slots and any(type(m) is not layer_type(m) for m in subtree):
                 refused.append(f"{o.path} ({layer_type(o.module).__name__})")
@@ -268,10 +268,13 @@ class GramHooks:
         swapped = []
         self._paused = True
         try:
-            for m, name, p in self._sharded_values:
-                # (the shards' dim-0 padding and placements are the DTensor's business)
-                m._parameters[name] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
-                swapped.append((m, name, p))
+            for m, name in self._sharded_values:
+                current = m._parameters[name]
+                if not is_sharded(current):
+                    continue  # FSDP holds it unsharded now (reshard_after_backward=False)
+                m._parameters[name] = nn.Parameter(current.full_tensor(),
+                                                   requires_grad=current.requires_grad)
+                swapped.append((m, name, current))
             yield
         finally:
             for m, name, p in swapped:
@@ -713,8 +716,8 @@ class GramHooks:
         """
         calls, weights, jobs = self._weighted_jobs(weights)
         out: dict[nn.Parameter, torch.Tensor] = {}
-        with self._computing():
-            for idx, names in jobs:
+        with self._computing():  # (also with no example: FSDP's gathers pair up on every rank)
+            for idx, names in jobs if weights.shape[0] else []:
                 o = self._owners[idx]
                 for n, g in o.kernel.weighted_grads(o.module, calls[idx], weights, names).items():
                     p = _param(o, n)
