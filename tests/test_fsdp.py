@@ -278,6 +278,7 @@ def _worker(rank: int, port: int, out_dir: str, world: int = WORLD) -> None:
             **{f"{kind}_{policy}": _train(rank, kind, {"policy": policy, "threshold": tau},
                                           momentum=0.0) for (kind, policy), tau in TAU.items()},
             "cnn_monitor": _train(rank, "cnn", {"policy": "monitor"}),
+            "encoder_plain": _train(rank, "encoder", None),
             "encoder_monitor": _train(rank, "encoder", {"policy": "monitor"}),
             "mlp_accumulate": _train(rank, "mlp", {"policy": "monitor"}, accumulate=2),
             "refusals": {name: _refusal(rank, name, out_dir) for name in REFUSALS},
@@ -285,6 +286,7 @@ def _worker(rank: int, port: int, out_dir: str, world: int = WORLD) -> None:
         if HAS_TRANSFORMERS:
             results["gpt2_plain"] = _train(rank, "gpt2", None)
             results["gpt2_monitor"] = _train(rank, "gpt2", {"policy": "monitor"})
+            results["llama_plain"] = _train(rank, "llama", None)
             results["llama_monitor"] = _train(rank, "llama", {"policy": "monitor"})
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -377,8 +379,11 @@ def test_global_gnq_matches_reference_over_both_ranks_batches(runs):
             assert rel_err(r["mlp_global"]["steps"][step]["gnq"], ref) < 1e-8, step
 
 
-@pytest.mark.parametrize("kind", ["mlp", pytest.param("gpt2", marks=needs_transformers)])
+@pytest.mark.parametrize("kind", ["mlp", "encoder",
+                                  pytest.param("gpt2", marks=needs_transformers),
+                                  pytest.param("llama", marks=needs_transformers)])
 def test_monitor_trains_bit_for_bit_as_fsdp_alone(runs, kind):
+    """(encoder, llama: with sharded parameters gathered whole and put back each step)"""
     for r in runs:
         plain, guarded = r[f"{kind}_plain"]["final"], r[f"{kind}_monitor"]["final"]
         assert plain.keys() == guarded.keys()
