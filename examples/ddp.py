@@ -1,8 +1,9 @@
-"""Guard DistributedDataParallel training: every rank keeps the same ledger.
+"""Guard DistributedDataParallel (or FSDP) training: every rank keeps the same ledger.
 
 Starts ``--world`` CPU processes (gloo on 127.0.0.1) that train an MLP on scikit-learn's
-embedded digits with ``DistributedDataParallel`` and a ``DistributedSampler``, under
-``gradguard.GradGuard``. The loop is the usual DDP loop; gradguard only wraps it. Each
+embedded digits with ``DistributedDataParallel`` (or, with ``--fsdp``, sharded by FSDP2's
+``fully_shard``) and a ``DistributedSampler``, under ``gradguard.GradGuard``. The loop is
+the usual DDP loop; gradguard only wraps it. Each
 rank measures GNQ over its own batch (``--gnq local``: an upper bound of the global-batch
 GNQ) or over the global batch (``--gnq global``: exact, gathers per-example gradients);
 the ranks then share indices, GNQ and policy weights, so their ledgers are identical and
@@ -13,7 +14,7 @@ the most-disclosing examples.
 
 Needs the extra ``experiments`` (scikit-learn's digits); from this checkout:
     pip install -e ".[experiments]"
-Run:  python examples/ddp.py [--world 2] [--policy drop] [--gnq local] [--epochs 4]
+Run:  python examples/ddp.py [--world 2] [--policy drop] [--gnq local] [--epochs 4] [--fsdp]
 """
 
 from __future__ import annotations
@@ -46,7 +47,13 @@ def train(rank: int, args: argparse.Namespace, port: int) -> None:
     try:
         split = load_dataset("digits", seed=0)
         torch.manual_seed(0)  # the same initial model on every rank
-        model = nn.parallel.DistributedDataParallel(mlp(split.input_shape, split.num_classes))
+        model = mlp(split.input_shape, split.num_classes)
+        if args.fsdp:  # parameters and gradients sharded across the ranks
+            from torch.distributed.fsdp import fully_shard
+
+            model = fully_shard(model)
+        else:
+            model = nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         sampler = DistributedSampler(split.train, shuffle=True, seed=0)
         loader = DataLoader(split.train, batch_size=args.batch_size, sampler=sampler)
@@ -71,7 +78,8 @@ def train(rank: int, args: argparse.Namespace, port: int) -> None:
         agree = all(torch.equal(s, all_sums[0]) for s in all_sums)
         if rank == 0:
             s = guard.summary()
-            print(f"{args.world} ranks, {guard.step} steps, GNQ over the "
+            print(f"{args.world} ranks ({'FSDP' if args.fsdp else 'DDP'}), {guard.step} "
+                  "steps, GNQ over the "
                   f"{args.gnq} batch; ledgers identical on every rank: {agree}")
             print(format_run_summary(s, log_dir=args.log_dir))
             print(guard.ledger.top(5))
@@ -91,6 +99,7 @@ def main() -> None:
     parser.add_argument("--gnq", choices=("local", "global"), default="local")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
+    parser.add_argument("--fsdp", action="store_true", help="shard with fully_shard")
     parser.add_argument("--log-dir", default="runs/ddp")
     args = parser.parse_args()
     mp.spawn(train, args=(args, _free_port()), nprocs=args.world, join=True)

@@ -1,4 +1,5 @@
-"""GradGuard under ``torch.distributed``: DDP, Opacus's DPDDP, Lightning and HF on several ranks.
+"""GradGuard under ``torch.distributed``: DDP, FSDP2, Opacus's DPDDP, Lightning and HF on
+several ranks.
 
 Each rank captures the per-example gradients of its own local batch (DDP's all-reduce runs
 on the summed gradient, not on the hooks' captures), so each rank can compute GNQ over its
@@ -29,6 +30,32 @@ from the rank's own captures, so the rewritten gradients are averaged across ran
 (all-reduce sum / world size: DDP's averaging). Under ``policy="monitor"`` gradients are
 never touched, so the update is bit-for-bit what DDP alone does. Only the first rank of
 the group writes TensorBoard logs and the run directory.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) works the same way. FSDP gathers each
+layer's weights for its forward and backward, so a rank's hooks capture the whole inputs
+and output gradients of its own examples, and its local Gram is exact as under DDP (both
+GNQ modes; ``"global"`` gathers whole per-example gradients). Between steps parameters and
+``.grad`` are DTensor shards, which decides what works:
+
+- kernels that need only the captures and the parameters' shapes work on the shards as
+  they are (nn.Linear, nn.Conv*, nn.Embedding, GPT-2's Conv1D and its tied LM head, the
+  norm layers); kernels that re-run the layer with its parameter values (the torch.func
+  fallback, e.g. LlamaRMSNorm; MultiheadAttention; RNNs; custom grad samplers) get those
+  parameters all-gathered whole while they run, on every rank in the same order: one
+  all-gather per such parameter per step, and that layer's full weights in memory for
+  the moment. Such a layer sharded by ``fully_shard`` itself is refused (re-running it
+  would run FSDP's hooks): shard the block that contains it;
+- ``clip``/``drop`` rebuild Σ_j w_j g_j / B whole from the rank's captures, average it
+  over the ranks and keep the rank's shard (:func:`average_into_shards`): what FSDP's
+  reduce-scatter gives for a backward over the weighted examples. That needs FSDP to
+  average over the guard's group: a 1-D mesh of all its ranks (HSDP's 2-D meshes are
+  refused for policies; ``monitor`` never touches gradients, so it does not depend on
+  how FSDP reduces them);
+- ``monitor`` leaves training bit for bit as FSDP alone;
+- refused: FSDP1 (``FullyShardedDataParallel``: flat parameters give each original
+  parameter a flattened shard), a model whose root is not sharded (its plain parameters'
+  gradients are not averaged), the curvature probe (its double backward would run through
+  FSDP's collectives) and ``save_every`` (the state file would hold one rank's shards).
 """
 
 from __future__ import annotations
@@ -46,8 +73,11 @@ __all__ = [
     "all_gather_rows",
     "all_ranks_agree",
     "average_gradients",
+    "average_into_shards",
+    "average_tensors",
     "broadcast_from_first",
     "flatten_per_example",
+    "fsdp_kind",
     "gram_from_rows",
     "is_ddp_module",
     "resolve_sync",
@@ -66,6 +96,26 @@ def is_ddp_module(module: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - opacus is a dependency
         return False
     return isinstance(module, DPDDP)
+
+
+def fsdp_kind(module: nn.Module) -> str | None:
+    """How FSDP shards ``module``: ``"fully_shard"`` (FSDP2, any submodule sharded),
+    ``"FullyShardedDataParallel"`` (FSDP1, any wrapper inside), or ``None``.
+
+    Example:
+        >>> fsdp_kind(nn.Linear(2, 3)) is None
+        True
+    """
+    if not dist.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    modules = list(module.modules())
+    if any(isinstance(m, FullyShardedDataParallel) for m in modules):
+        return "FullyShardedDataParallel"
+    if any(isinstance(m, FSDPModule) for m in modules):
+        return "fully_shard"
+    return None
 
 
 def unwrap_ddp(module: nn.Module) -> nn.Module:
@@ -133,31 +183,67 @@ def all_ranks_agree(flag: bool, *, group=None, device: torch.device | str = "cpu
     return int(bad) == 0
 
 
+def average_tensors(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], *,
+                    group=None) -> list[torch.Tensor | None]:
+    """Every rank's ``tensors`` averaged across ranks (all-reduce sum / world size).
+
+    One collective per dtype over a flat buffer. ``tensors[i]`` is shaped like ``like[i]``
+    (whose global shape counts for a sharded DTensor); a rank's ``None`` takes part as
+    zeros, and the result is ``None`` only where every rank had ``None``.
+    """
+    world = dist.get_world_size(group)
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = defaultdict(list)
+    for i, t in enumerate(like):
+        by_dtype[(t.dtype, t.device)].append(i)
+    out: list[torch.Tensor | None] = [None] * len(like)
+    for (dtype, device), items in by_dtype.items():
+        flat = torch.cat([(tensors[i] if tensors[i] is not None else
+                           torch.zeros(like[i].shape, dtype=dtype, device=device)).reshape(-1)
+                          for i in items]
+                         + [torch.tensor([float(tensors[i] is not None) for i in items],
+                                         dtype=dtype, device=device)])
+        dist.all_reduce(flat, group=group)
+        n_values = flat.numel() - len(items)
+        had = flat[n_values:].tolist()
+        offset = 0
+        for i, present in zip(items, had):
+            n = like[i].numel()
+            if present > 0:
+                out[i] = (flat[offset: offset + n] / world).view(like[i].shape)
+            offset += n
+    return out
+
+
 def average_gradients(params: Iterable[nn.Parameter], *, group=None) -> None:
     """Replace ``p.grad`` by its average across ranks (all-reduce sum / world size), as DDP does.
 
-    One collective per dtype over a flat buffer. A rank whose ``p.grad`` is ``None`` takes
-    part with zeros; the parameter gets the averaged gradient when any rank had one and
-    stays ``None`` when none had.
+    A rank whose ``p.grad`` is ``None`` takes part with zeros; the parameter gets the
+    averaged gradient when any rank had one and stays ``None`` when none had.
     """
-    world = dist.get_world_size(group)
-    by_dtype: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = defaultdict(list)
-    for p in params:
-        by_dtype[(p.dtype, p.device)].append(p)
-    for (dtype, device), ps in by_dtype.items():
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in ps]
-                         + [torch.tensor([float(p.grad is not None) for p in ps],
-                                         dtype=dtype, device=device)])
-        dist.all_reduce(flat, group=group)
-        n_values = flat.numel() - len(ps)
-        had = flat[n_values:].tolist()
-        offset = 0
-        for p, present in zip(ps, had):
-            n = p.numel()
-            if present > 0:
-                p.grad = (flat[offset: offset + n] / world).view_as(p)
-            offset += n
+    params = list(params)
+    averaged = average_tensors([p.grad for p in params], params, group=group)
+    for p, g in zip(params, averaged):
+        if g is not None:
+            p.grad = g
+
+
+def average_into_shards(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor | None], *,
+                        group=None) -> None:
+    """Set each FSDP-sharded ``p.grad`` to this rank's shard of the ranks' average of
+    ``grads`` (whole, unsharded gradients), as FSDP's reduce-scatter would.
+
+    Where no rank has a gradient for ``p``, an existing ``p.grad`` is zeroed.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    for p, g in zip(params, average_tensors(grads, params, group=group)):
+        if g is None:
+            if p.grad is not None:
+                p.grad.zero_()
+            continue
+        # Every rank holds the same average: each keeps its own shard, no communication.
+        p.grad = distribute_tensor(g.to(p.dtype), p.device_mesh, p.placements,
+                                   src_data_rank=None)
 
 
 def flatten_per_example(grads: dict[nn.Parameter, torch.Tensor], params: Sequence[nn.Parameter],
@@ -287,6 +373,11 @@ class DistributedSync:
         """All-reduce the rewritten gradients (see :func:`average_gradients`)."""
         average_gradients(params, group=self.group)
 
+    def average_into_shards(self, params: Sequence[nn.Parameter],
+                            grads: Sequence[torch.Tensor | None]) -> None:
+        """Average whole gradients into FSDP shards (see :func:`average_into_shards`)."""
+        average_into_shards(params, grads, group=self.group)
+
     def agree(self, ok: bool) -> bool:
         """Whether ``ok`` holds on every rank."""
         return all_ranks_agree(ok, group=self.group, device=self.device)
@@ -302,7 +393,8 @@ def resolve_sync(*, module: nn.Module, optimizer, enabled: bool | None, gnq_mode
         enabled: ``True`` (the ranks train one model together, e.g. Lightning's or the HF
             Trainer's DDP), ``False`` (never synchronise), or ``None``: on when the
             default process group is initialised with more than one rank and the model
-            is DDP-wrapped (or the optimizer is Opacus's distributed DPOptimizer).
+            is DDP-wrapped or sharded by ``fully_shard`` (or the optimizer is Opacus's
+            distributed DPOptimizer).
         gnq_mode: ``"local"`` or ``"global"``.
         group: the process group (default: the world).
         device: device of the exchanged tensors.
@@ -318,8 +410,14 @@ def resolve_sync(*, module: nn.Module, optimizer, enabled: bool | None, gnq_mode
     if enabled and not ready:
         raise ValueError("distributed=True needs torch.distributed.init_process_group(...) to "
                          "run before make_guarded; pass distributed=None to detect it.")
-    if not ready or dist.get_world_size(group) < 2:
+    if not ready:
         return None
-    if enabled is None and not (is_ddp_module(module) or _is_distributed_dp_optimizer(optimizer)):
+    sharded = fsdp_kind(module) is not None
+    # (FSDP's gradients are DTensor shards even on one rank: only the collective steps
+    # write them, so a one-rank group keeps them)
+    if dist.get_world_size(group) < 2 and not sharded:
+        return None
+    if enabled is None and not (is_ddp_module(module) or sharded
+                                or _is_distributed_dp_optimizer(optimizer)):
         return None
     return DistributedSync(gnq_mode=gnq_mode, group=group, device=device)

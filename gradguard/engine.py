@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from . import rundir
 from .config import GuardConfig
-from .distributed import resolve_sync, unwrap_ddp
+from .distributed import fsdp_kind, resolve_sync, unwrap_ddp
 from .ledger import BOUND_ASSUMPTIONS, DisclosureLedger
 from .loader import IndexTrackingLoader, track_indices
 from .optimizer import GuardedOptimizer
@@ -44,6 +44,7 @@ from .sources import DistributedGramSource, GramSource, gram_source_for, is_dp_o
 from .tensorboard import TAGS
 from .uniqueness import gnq as gnq_math
 from .uniqueness.gnq import gnq_from_gram, resolve_lam
+from .uniqueness.kernels import is_sharded
 from .validation import check_int
 
 __all__ = ["GradGuard", "NonFiniteGradientError"]
@@ -113,13 +114,14 @@ class GradGuard:
         distributed: under ``torch.distributed``, make the ranks agree (one ledger, one
             policy decision per example, gradients rewritten by a policy averaged across
             ranks, logs from the first rank only). ``None`` (default): on when the process
-            group has more than one rank and the model is DDP-wrapped (or the optimizer is
-            Opacus's distributed DPOptimizer); ``True`` for wrappers gradguard does not see
-            (Lightning, HF Trainer); ``False``: each rank on its own.
+            group has more than one rank and the model is DDP-wrapped or sharded by FSDP2's
+            ``fully_shard`` (or the optimizer is Opacus's distributed DPOptimizer); ``True``
+            for wrappers gradguard does not see (Lightning, HF Trainer); ``False``: each
+            rank on its own.
         distributed_gnq: ``"local"`` (GNQ over each rank's batch: an upper bound of the
             global-batch GNQ, since more examples only lower it) or ``"global"`` (exact
             global-batch GNQ by all-gathering per-example gradients: B_global × P memory
-            per rank). See :mod:`gradguard.distributed`.
+            per rank, whole gradients also under FSDP). See :mod:`gradguard.distributed`.
         process_group: the ``torch.distributed`` group to agree within (default: world).
         save_every: write ``gradguard_state.pt`` and ``summary.json`` into ``log_dir``
             every this many steps (atomically), so a killed run resumes from its last
@@ -317,6 +319,14 @@ class GradGuard:
                 does not guard (they would learn from dropped examples).
             RuntimeError: this guard is already attached, or another live GradGuard is
                 attached to the model.
+            ValueError: FSDP1 (``FullyShardedDataParallel``: use ``fully_shard``), or a
+                ``fully_shard`` model whose root is not sharded.
+            NotImplementedError: under ``fully_shard``: clip/drop on a 2-D (HSDP) mesh, the
+                curvature probe, ``save_every``.
+            UnsupportedLayerError: under ``fully_shard``, a layer sharded by
+                ``fully_shard`` itself whose kernel re-runs it with its parameters' values
+                (MultiheadAttention, RNNs, torch.func layers: shard their block instead);
+                see :mod:`gradguard.distributed`.
         """
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum' (how your loss reduces "
@@ -330,11 +340,9 @@ class GradGuard:
         if self.module is not None:
             raise RuntimeError("this GradGuard is already attached; create one per model")
         core = unwrap_ddp(module)
-        if _is_fsdp(core):
-            raise ValueError("gradguard does not support FSDP (fully_shard / "
-                             "FullyShardedDataParallel): its sharded DTensor gradients cannot be "
-                             "measured or rebuilt from per-example captures yet. Use DDP "
-                             "(DistributedDataParallel: per-rank or global GNQ) or one device.")
+        sharding = fsdp_kind(core)
+        if sharding is not None:
+            self._check_fsdp(core, optimizer, sharding)
         other = _ATTACHED.get(core)
         if other is not None and other() is not None and not other()._closed:
             raise RuntimeError(
@@ -432,6 +440,58 @@ class GradGuard:
             optimizer.expected_batch_size = int(expected_batch_size)
         self.optimizer = optimizer
 
+    def _check_fsdp(self, module: nn.Module, optimizer: Optimizer, sharding: str) -> None:
+        """What works under FSDP, or a refusal naming what does.
+
+        Under ``fully_shard`` each rank's hooks capture whole inputs and output gradients
+        of its own examples (FSDP gathers the weights for forward and backward), so its
+        local-batch Gram is exact, as under DDP. Parameters and ``.grad`` are DTensor
+        shards between steps: the checks below keep gradguard to what reads no more.
+        """
+        if sharding == "FullyShardedDataParallel":
+            raise ValueError(
+                "gradguard does not support FSDP1 (FullyShardedDataParallel): its flat "
+                "parameters give each original parameter a flattened shard of its gradient, "
+                "which cannot be matched to per-example captures. Shard with FSDP2's "
+                "torch.distributed.fsdp.fully_shard (supported), or use DDP "
+                "(DistributedDataParallel).")
+        if is_dp_optimizer(optimizer):
+            raise NotImplementedError(
+                "Opacus's DPOptimizer on a fully_shard model is not supported by gradguard "
+                "(the released update would be measured from sharded per-sample gradients). "
+                "Use Opacus with DPDDP, or GradGuard's own policies under fully_shard.")
+        unsharded = [n for n, p in module.named_parameters()
+                     if p.requires_grad and not is_sharded(p)]
+        if unsharded:
+            raise ValueError(
+                f"under fully_shard every trainable parameter must be sharded, but "
+                f"{unsharded[:10]} are plain tensors (their gradients are not averaged across "
+                "ranks). Call fully_shard on the root model too, after its submodules.")
+        if self.rule.acts:
+            # The rebuilt update is averaged over the guard's process group and cut into
+            # FSDP's shards: FSDP must average over exactly that group.
+            world = torch.distributed.get_world_size(self.process_group)
+            meshes = {(p.device_mesh.ndim, p.device_mesh.size()) for p in module.parameters()
+                      if p.requires_grad}
+            if self.distributed is False or meshes != {(1, world)}:
+                raise NotImplementedError(
+                    f"policy={self.policy!r} under FSDP needs fully_shard over a 1-D mesh of "
+                    f"all {world} ranks of the guard's process group, with distributed "
+                    f"synchronisation on (got meshes (ndim, size) {sorted(meshes)}, "
+                    f"distributed={self.distributed}): the rebuilt update is averaged over "
+                    "that group. HSDP (2-D meshes) is not supported with clip/drop; use "
+                    "policy='monitor' there, or DDP (DistributedDataParallel).")
+        if self.curvature is not None:
+            raise NotImplementedError(
+                "the curvature probe under FSDP (fully_shard) is not supported: its passes "
+                "(double backward on a subset of examples) would run through FSDP's "
+                "collectives. Probe a DDP or single-device copy of the model instead.")
+        if self.save_every is not None:
+            raise NotImplementedError(
+                "save_every under FSDP (fully_shard) is not supported: the run directory "
+                "would hold only the first rank's parameter shards. Checkpoint the model with "
+                "torch.distributed.checkpoint and call guard.save_run(dir) on the first rank.")
+
     @staticmethod
     def _check_coverage(module: nn.Module, optimizer: Optimizer,
                         guarded: list[nn.Parameter]) -> None:
@@ -447,11 +507,14 @@ class GradGuard:
                     # (frozen ones get no gradient: the optimizer leaves them alone)
                     unguarded.append(names[id(p)])
         if foreign:
+            sharded = any(is_sharded(p) for p in module.parameters())
             raise ValueError(
                 f"the optimizer updates {len(foreign)} parameter(s) that are not the model's "
                 f"(shapes {foreign[:5]}): an optimizer over a different model, or a head "
                 "outside the module passed to make_guarded. Pass the whole model as module= "
-                "and an optimizer over its parameters.")
+                "and an optimizer over its parameters."
+                + (" Under fully_shard, build the optimizer after sharding (fully_shard "
+                   "replaces the parameters)." if sharded else ""))
         if unguarded:
             raise ValueError(
                 f"the optimizer updates parameters gradguard does not guard: {unguarded[:10]} "
@@ -582,7 +645,9 @@ class GradGuard:
             # A tensor's sum is NaN/Inf when any entry is (or when finite entries sum past
             # the dtype's range, which such an update would be no better off with); a sum
             # is 20× cheaper than isfinite(g).all() or an inf-norm on CPU.
-            sums = torch.isfinite(torch.stack([p.grad.sum().to(K.device) for p in params]))
+            # (each rank checks its own shard of a sharded gradient; agree() pools them)
+            sums = torch.isfinite(torch.stack([_local(p.grad).sum().to(K.device)
+                                               for p in params]))
             flags.append(sums.all())
         if self.source.agree(bool(torch.stack(flags).all())):
             return None
@@ -731,7 +796,7 @@ class GradGuard:
         return True
 
     def _empty_step(self, optimizer: GuardedOptimizer, device) -> bool:
-        grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all())
+        grads_finite = all(p.grad is None or bool(torch.isfinite(_local(p.grad)).all())
                            for p in optimizer.params)
         if not grads_finite:
             # (a 0×0 Gram cannot show it)
@@ -1057,13 +1122,9 @@ class GradGuard:
         self.close()
 
 
-def _is_fsdp(module: nn.Module) -> bool:
-    """Whether FSDP (``fully_shard`` or ``FullyShardedDataParallel``) wraps any submodule."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (the local shard of an FSDP DTensor gradient)."""
+    return t.to_local() if is_sharded(t) else t
 
 
 def _ridge(K: torch.Tensor, lam: float, *, relative: bool):

@@ -28,6 +28,7 @@ from torch import nn
 
 from .distributed import DistributedSync, flatten_per_example, gram_from_rows
 from .uniqueness.hooks import GramHooks
+from .uniqueness.kernels import is_sharded
 
 __all__ = ["DistributedGramSource", "GramSource", "HookGramSource", "OpacusGramSource",
            "SharedBatch", "gram_source_for", "is_dp_optimizer"]
@@ -175,9 +176,11 @@ class HookGramSource(_OneProcess):
         no guarded layer sees (a penalty on the parameters in the loss) are therefore not
         part of a rebuilt update.
         """
-        new = self.hooks.weighted_grads(weights / denom) if weights.shape[0] else {}
-        for p in self.guarded_params():
-            g = new.get(p)
+        for p, g in self.rebuilt(weights, denom=denom).items():
+            if is_sharded(p):  # (DistributedGramSource writes FSDP's shards)
+                raise RuntimeError(
+                    "rebuilding the gradients of an FSDP-sharded model needs the ranks to "
+                    "average them: pass distributed=None (or True) to GradGuard, not False.")
             if g is None:
                 if p.grad is not None:
                     p.grad.zero_()
@@ -185,6 +188,13 @@ class HookGramSource(_OneProcess):
             # In the parameter's own layout (einsum results may be transposed): what
             # autograd would have produced, so later accumulation keeps its fast path.
             p.grad = g if _owns_layout(g, p) else torch.empty_like(p).copy_(g)
+
+    def rebuilt(self, weights: torch.Tensor, *, denom: float
+                ) -> dict[nn.Parameter, torch.Tensor | None]:
+        """Σ_j w_j g_j / denom per guarded parameter, whole (also for an FSDP shard);
+        ``None`` where no captured example reached the parameter."""
+        new = self.hooks.weighted_grads(weights / denom)  # (also with no example: see there)
+        return {p: new.get(p) for p in self.guarded_params()}
 
     def clear(self) -> None:
         self.hooks.clear()
@@ -317,11 +327,21 @@ class DistributedGramSource:
         return self.sync.agree(ok)
 
     def apply(self, weights: torch.Tensor, *, denom: float) -> None:
+        if isinstance(self.inner, OpacusGramSource):
+            # (Opacus's distributed optimizer averages what it releases in its own step)
+            self.inner.apply(weights, denom=denom)
+            return
+        params = self.inner.guarded_params()
+        if any(is_sharded(p) for p in params):
+            # FSDP (fully_shard): the captures give whole gradients of this rank's examples;
+            # their average over the ranks, cut to this rank's shard, is what FSDP's
+            # reduce-scatter makes of a backward that saw only the weighted examples.
+            self.sync.average_into_shards(
+                params, list(self.inner.rebuilt(weights, denom=denom).values()))
+            return
         self.inner.apply(weights, denom=denom)
-        if not isinstance(self.inner, OpacusGramSource):
-            # DDP averaged the gradients during backward, before this rewrite. (Opacus's
-            # distributed optimizer averages what it releases in its own step.)
-            self.sync.average_gradients(self.inner.guarded_params())
+        # DDP averaged the gradients during backward, before this rewrite.
+        self.sync.average_gradients(params)
 
 
 def gram_source_for(module: nn.Module, optimizer, *, policy_acts: bool, **hook_kwargs):

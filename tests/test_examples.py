@@ -43,6 +43,7 @@ SLOW = [  # about 10 s or more each on 2 busy cores
     ("curvature_probe.py", ["--epochs", "1", "--every", "20", "--n-examples", "16"],
      "--log-dir"),
     ("ddp.py", ["--world", "2", "--epochs", "1"], "--log-dir"),
+    ("ddp.py", ["--world", "2", "--epochs", "1", "--fsdp"], "--log-dir"),
     ("lightning_callback.py", ["--epochs", "1"], "--root"),
     ("huggingface_trainer.py", ["--epochs", "1"], "--output-dir"),
 ]

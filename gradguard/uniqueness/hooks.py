@@ -30,7 +30,9 @@ from .kernels import (
     LayerCall,
     LayerKernel,
     LinearKernel,
+    is_sharded,
     kernel_for,
+    layer_type,
     tied_embedding_head_costs,
     tied_embedding_head_gram,
 )
@@ -235,6 +237,7 @@ class GramHooks:
             self._owners.append(owner)
             self._handles.append(m.register_forward_hook(self._make_forward_hook(idx),
                                                          with_kwargs=True))
+        self._find_sharded_values()
         self._handles.append(self.module.register_forward_pre_hook(self._root_pre_hook,
                                                                    with_kwargs=True))
         self._handles.append(self.module.register_forward_hook(
@@ -247,6 +250,60 @@ class GramHooks:
             for p in o.params:
                 uses[id(p)] += 1
         self._tied = {i for i, n in uses.items() if n > 1}
+
+    def _find_sharded_values(self) -> None:
+        """The FSDP-sharded parameters whose values a kernel reads, gathered whole while
+        kernels run (:meth:`_computing`).
+
+        Under FSDP2 (``fully_shard``) the captured inputs and output gradients are whole on
+        each rank, so kernels that need only them and the parameters' shapes (Linear,
+        Conv, Embedding, GPT-2's Conv1D, norms) work on the shards as they are. Kernels
+        that re-run the layer (torch.func, MultiheadAttention, RNNs, custom grad samplers)
+        need the values, which are DTensor shards between steps: those parameters are
+        all-gathered, in the same order on every rank, for the computation. A layer that
+        is itself sharded by ``fully_shard`` would run FSDP's hooks when re-run: refused.
+        """
+        self._sharded_values: list[tuple[nn.Module, str]] = []  # (module, parameter name)
+        refused = []
+        for o in self._owners:
+            if not o.kernel.reads_parameters or not any(self._guarded(p) for p in o.params):
+                continue
+            subtree = list(o.module.modules()) if o.kernel.covers_submodules else [o.module]
+            slots = [(m, n) for m in subtree for n, p in m._parameters.items()
+                     if p is not None and is_sharded(p)]
+            if slots and any(type(m) is not layer_type(m) for m in subtree):
+                refused.append(f"{o.path} ({layer_type(o.module).__name__})")
+            self._sharded_values += slots
+        if refused:
+            raise UnsupportedLayerError(
+                f"{refused[:10]} are sharded by fully_shard themselves, and their per-example "
+                "gradients re-run the layer with its parameters' values, which would run "
+                "FSDP's hooks (collectives) per example. Call fully_shard on the block that "
+                "contains them instead (e.g. the transformer layer), or freeze them.")
+
+    @contextlib.contextmanager
+    def _computing(self):
+        """Kernels run here: nothing is captured, and sharded parameters whose values a
+        kernel reads are whole (all-gathered on every rank, restored afterwards).
+
+        Every rank enters this block at the same points of a step, whatever its batch,
+        so the all-gathers pair up.
+        """
+        swapped = []
+        self._paused = True
+        try:
+            for m, name in self._sharded_values:
+                current = m._parameters[name]
+                if not is_sharded(current):
+                    continue  # FSDP holds it unsharded now (reshard_after_backward=False)
+                m._parameters[name] = nn.Parameter(current.full_tensor(),
+                                                   requires_grad=current.requires_grad)
+                swapped.append((m, name, current))
+            yield
+        finally:
+            for m, name, p in swapped:
+                m._parameters[name] = p
+            self._paused = False
 
     def _all_params(self) -> list[nn.Parameter]:
         seen, out = set(), []
@@ -728,11 +785,8 @@ class GramHooks:
         device = _first_param_device(self.module)
         # float64 sums, or float32 where the device has no float64 (see solve_dtype)
         K = torch.zeros(batch, batch, dtype=solve_dtype(device), device=device)
-        if batch == 0:
-            return K
         solo, tied = self._plan(calls)
-        self._paused = True
-        try:
+        with self._computing():  # (on every rank, also with an empty batch)
             for idx, names in solo.items():
                 if not names:
                     continue
@@ -766,8 +820,6 @@ class GramHooks:
                     continue
                 K += _gram_of([self._tied_per_example_grads(uses, calls, batch)], batch,
                               self.gram_dtype)
-        finally:
-            self._paused = False
         if self._scale != 1:
             K *= float(self._scale) ** 2
         # Layer Grams formed in float32 (chunked einsums) are symmetric only to rounding,
@@ -795,8 +847,7 @@ class GramHooks:
         batch, calls = self._collect()
         out: dict[nn.Parameter, torch.Tensor] = {}
         solo, tied = self._plan(calls)
-        self._paused = True
-        try:
+        with self._computing():
             for idx, names in solo.items():
                 o = self._owners[idx]
                 if not names:
@@ -813,8 +864,6 @@ class GramHooks:
                     out[_param(o, n)] = g
             for uses in tied.values():
                 out[uses[0][2]] = self._tied_per_example_grads(uses, calls, batch)
-        finally:
-            self._paused = False
         if self._scale != 1:
             out = {p: g * self._scale for p, g in out.items()}
         return out
@@ -828,9 +877,8 @@ class GramHooks:
         calls, weights, jobs = self._weighted_jobs(weights)
         batch = weights.shape[0]
         out: dict[nn.Parameter, torch.Tensor] = {}
-        self._paused = True
-        try:
-            for idx, names in jobs:
+        with self._computing():  # (also with no example: FSDP's gathers pair up on every rank)
+            for idx, names in jobs if weights.shape[0] else []:
                 o = self._owners[idx]
                 condensed = self._condensed_rows(idx, calls[idx], batch, names)
                 if condensed is None:
@@ -845,8 +893,6 @@ class GramHooks:
                     p = _param(o, n)
                     g = g.to(p.dtype)
                     out[p] = g if p not in out else out[p] + g
-        finally:
-            self._paused = False
         return out
 
     def _weighted_jobs(self, weights: torch.Tensor):

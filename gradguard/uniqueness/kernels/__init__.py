@@ -19,6 +19,7 @@ are borrowed lazily, on the first lookup, so importing gradguard does not import
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from torch import nn
@@ -52,7 +53,9 @@ __all__ = [
     "FunctionalKernel",
     "GradSamplerKernel",
     "register_kernel",
+    "is_sharded",
     "kernel_for",
+    "layer_type",
     "KERNELS",
 ]
 
@@ -86,7 +89,8 @@ def _register_opacus_samplers() -> None:
     for layer_type in _NORM_LAYERS:
         fn = GradSampleModule.GRAD_SAMPLERS.get(layer_type)
         if fn is not None:
-            KERNELS.setdefault(layer_type, GradSamplerKernel(fn))  # a user's kernel wins
+            # a user's kernel wins; Opacus's norm samplers read the inputs and Δ only
+            KERNELS.setdefault(layer_type, GradSamplerKernel(fn, reads_parameters=False))
     try:  # Opacus's DP RNNs alias their RNNLinear children's weights: replay them whole
         from opacus.layers import DPGRU, DPLSTM, DPRNN
     except ImportError:  # pragma: no cover
@@ -130,10 +134,40 @@ def register_kernel(*layer_types: type) -> Callable:
     return decorate
 
 
+def layer_type(module: nn.Module) -> type:
+    """``module``'s own layer class: the class ``fully_shard`` replaced, for a module it
+    sharded (FSDP2 swaps the class for a subclass ``FSDP<Layer>(FSDPModule, Layer)``).
+
+    Example:
+        >>> layer_type(nn.Linear(2, 3)) is nn.Linear
+        True
+    """
+    t = type(module)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
+    if fsdp_module is not None and issubclass(t, fsdp_module):
+        return next(b for b in t.__mro__[1:] if not issubclass(b, fsdp_module))
+    return t
+
+
+def is_sharded(tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (an FSDP2-sharded parameter between steps).
+
+    Example:
+        >>> is_sharded(nn.Linear(2, 3).weight)
+        False
+    """
+    dt = sys.modules.get("torch.distributed.tensor")
+    kind = getattr(dt, "DTensor", None) if dt is not None else None
+    return kind is not None and isinstance(tensor, kind)
+
+
 def kernel_for(module: nn.Module) -> LayerKernel:
-    """The registered kernel for ``module``'s exact type, else the torch.func fallback."""
-    if not _opacus_borrowed and (isinstance(module, _NORM_LAYERS)
-                                 or type(module).__module__.startswith("opacus.")):
+    """The registered kernel for ``module``'s exact layer type (seen through FSDP's class
+    swap, :func:`layer_type`), else the torch.func fallback."""
+    kind = layer_type(module)
+    if not _opacus_borrowed and (issubclass(kind, _NORM_LAYERS)
+                                 or kind.__module__.startswith("opacus.")):
         _register_opacus_samplers()
     register_transformers_kernels(KERNELS)  # only once transformers is imported
-    return KERNELS.get(type(module), _FALLBACK)
+    return KERNELS.get(kind, _FALLBACK)

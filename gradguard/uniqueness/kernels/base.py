@@ -95,6 +95,10 @@ class LayerKernel:
     #: the kernel reads each input's batch dimension from the layer's own convention
     #: (MultiheadAttention, RNNs), not from the hooks' trace of the model's inputs.
     own_batch_dims: bool = False
+    #: the kernel reads the values of the layer's parameters (re-running the layer, as
+    #: torch.func or an RNN replay does), not only their shapes. Under FSDP the hooks
+    #: all-gather such a layer's sharded parameters whole while the kernel runs.
+    reads_parameters: bool = True
 
     def per_example_grads(self, module: nn.Module, calls: Sequence[LayerCall], batch_size: int,
                           names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -283,6 +287,8 @@ def _seg_rows(segs: Sequence[_Segment]) -> int:
 
 class _AffineKernel(LayerKernel):
     """Shared logic of layers whose weight gradient is Δᵀ A over positions (Linear, Conv)."""
+
+    reads_parameters = False  # Δᵀ A needs the weight's shape only
 
     def segments(self, module: nn.Module, calls: Sequence[LayerCall]) -> list[_Segment]:
         raise NotImplementedError

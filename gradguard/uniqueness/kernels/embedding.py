@@ -18,7 +18,10 @@ def _scatter_per_example(weight: torch.Tensor, batch_size: int, entries,
     (of ``out`` when given, added in place: a tied LM head's gradients, without a second
     B × V × E buffer)."""
     V = weight.shape[0]
-    G = weight.new_zeros(batch_size, *weight.shape) if out is None else out
+    # A plain tensor even when the table is an FSDP-sharded DTensor: the captured output
+    # gradients are whole on each rank, and so is each example's gradient.
+    G = torch.zeros(batch_size, *weight.shape, dtype=weight.dtype, device=weight.device) \
+        if out is None else out
     flat = G.view(batch_size * V, -1)
     for ex, ids, D in entries:
         flat.index_add_(0, ex * V + ids, D.to(G.dtype))
@@ -29,6 +32,8 @@ class EmbeddingKernel(LayerKernel):
 
     Positions holding ``padding_idx`` contribute nothing, as in the layer's backward.
     """
+
+    reads_parameters = False  # token ids and Δ; the table's shape only
 
     def _segments(self, module, calls):
         if module.scale_grad_by_freq:
@@ -95,7 +100,8 @@ class EmbeddingKernel(LayerKernel):
     def weighted_grads(self, module, calls, weights, names):
         if "weight" not in names:
             return {}
-        g = torch.zeros_like(module.weight)
+        g = torch.zeros(module.weight.shape, dtype=module.weight.dtype,
+                        device=module.weight.device)  # plain, as in _scatter_per_example
         for ids, D, off in self._segments(module, calls):
             w = weights[off:off + ids.shape[0]].to(D.dtype)
             rows = _nonzero_rows(w)
@@ -170,6 +176,8 @@ class EmbeddingBagKernel(LayerKernel):
     for every entry n of its bag: the embedding Gram over (bag, id) rows, grouped by id
     as for ``nn.Embedding``. Entries equal to ``padding_idx`` contribute nothing.
     """
+
+    reads_parameters = False  # token ids and Δ; the table's shape only
 
     def call_batch_size(self, module, args, kwargs):
         x = args[0] if args else kwargs.get("input")

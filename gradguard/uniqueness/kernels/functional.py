@@ -21,8 +21,11 @@ class GradSamplerKernel(LayerKernel):
     Opacus's ``register_grad_sampler`` functions, so existing ones can be reused.
     """
 
-    def __init__(self, fn: Callable[[nn.Module, list, torch.Tensor], dict]):
+    def __init__(self, fn: Callable[[nn.Module, list, torch.Tensor], dict], *,
+                 reads_parameters: bool = True):
         self.fn = fn
+        # (a sampler of unknown code may read the parameters' values: assume it does)
+        self.reads_parameters = reads_parameters
 
     def per_example_grads(self, module, calls, batch_size, names):
         by_param = {id(getattr(module, n)): n for n in names}
