@@ -787,7 +787,7 @@ class GramHooks:
         K = torch.zeros(batch, batch, dtype=solve_dtype(device), device=device)
         solo, tied = self._plan(calls)
         with self._computing():  # (on every rank, also with an empty batch)
-            for idx, names in solo.items():
+            for idx, names in solo.items() if batch else ():
                 if not names:
                     continue
                 o = self._owners[idx]
@@ -806,7 +806,7 @@ class GramHooks:
                 else:
                     K += o.kernel.materialised_gram(o.module, calls[idx], batch, names,
                                                     self.gram_dtype)
-            for uses in tied.values():
+            for uses in tied.values() if batch else ():
                 route = self._tied_route(uses, calls, batch)
                 if route == "sketch":
                     K += sketched_tied_gram(self._tied_uses(uses, calls), batch, self.gram_dtype,
