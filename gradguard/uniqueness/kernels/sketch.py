@@ -80,13 +80,14 @@ def sketch_sides(d_in: int, d_out: int, sketch_dim: int, positions: int = 1
     gradient summed over T positions pointing different ways averages that excess itself,
     as T blocks would, so sequences take ``_BLOCKS // positions`` blocks (one from 64
     positions): for the same ``sketch_dim`` the projection then costs √blocks times less
-    per token, k·(d_in + d_out) flops with k = √sketch_dim.
+    per token, and a single block's sides are sized for the least projection work
+    (k_in/k_out = d_out/d_in), the narrow side kept whole where the budget allows.
 
     Example:
         >>> sketch_sides(1024, 4096, 4096), sketch_sides(8, 4096, 4096)
         ((8, 8, 64), (8, 512, 1))
-        >>> sketch_sides(1024, 4096, 4096, positions=128)
-        (64, 64, 1)
+        >>> sketch_sides(1024, 4096, 4096, positions=128), sketch_sides(256, 1024, 16384, 64)
+        ((128, 32, 1), (256, 64, 1))
     """
     if sketch_dim < 1:
         raise ValueError(f"sketch_dim must be a positive integer, got {sketch_dim}")
@@ -96,7 +97,16 @@ def sketch_sides(d_in: int, d_out: int, sketch_dim: int, positions: int = 1
         if d_in <= d_out:
             return d_in, min(d_out, max(1, sketch_dim // d_in)), 1
         return min(d_in, max(1, sketch_dim // d_out)), d_out, 1
-    return side, side, max(1, sketch_dim // (side * side))
+    if blocks > 1:
+        return side, side, max(1, sketch_dim // (side * side))
+    # One block: the projection costs k_in·d_in + k_out·d_out per position, least for
+    # k_in·k_out = sketch_dim at k_in / k_out = d_out / d_in (the narrow side projected less,
+    # kept whole if it fits).
+    k_in = min(d_in, max(1, round(math.sqrt(sketch_dim * d_out / d_in))))
+    k_out = min(d_out, max(1, sketch_dim // k_in))
+    if k_out == d_out:
+        k_in = min(d_in, max(1, sketch_dim // d_out))
+    return k_in, k_out, 1
 
 
 def sketch_projection(*, rows: int, cols: int, seed: int, key: str, device: torch.device,
