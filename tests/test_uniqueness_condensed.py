@@ -115,3 +115,66 @@ def test_a_second_backward_through_a_condensed_forward_is_refused():
     G = 2 * per_example_grads(model, ce_sum, x, y)
     torch.testing.assert_close(hooks.gram(), G @ G.T, rtol=1e-9, atol=1e-10)
     hooks.remove()
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 12), nn.Linear(12, 6)
+
+    def forward(self, x):
+        return x + self.b(torch.tanh(self.a(x)))
+
+
+class _Checkpointed(nn.Module):
+    """A Linear, two residual blocks run under torch.utils.checkpoint, a head."""
+
+    def __init__(self, mode: str | None):
+        super().__init__()
+        self.inp, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.mode = mode
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x) if self.mode is None else \
+                checkpoint(block, x, use_reentrant=self.mode == "reentrant")
+        return self.head(x)
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant", "save_on_cpu"])
+def test_gradient_checkpointing_is_exact_and_inputs_are_not_held_through_the_forward(mode):
+    import gc
+
+    from gradguard.uniqueness.kernels import LayerCall
+
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = _Checkpointed(None if mode == "save_on_cpu" else mode).to(F64)
+    x, y = torch.randn(5, 7, 6, dtype=F64), torch.randint(0, 3, (5, 7))
+    hooks = GramHooks(model, loss_reduction="sum", strategy="ghost")
+    if mode == "save_on_cpu":  # a user's own saved-tensor hooks are left alone
+        with torch.autograd.graph.save_on_cpu():
+            loss = ce_sum(model(x), y)
+    else:
+        loss = ce_sum(model(x), y)
+    if mode == "non-reentrant":
+        # the blocks' linear inputs are packed with the checkpoint, not held by gradguard
+        held = [c for c in gc.get_objects() if isinstance(c, LayerCall) and c.args]
+        block_layers = [m for b in model.blocks for m in (b.a, b.b)]
+        assert not any(c.args[0].shape[-1] in (6, 12) and c.batch_size == 5
+                       and c.hook_state.get("owner") is not None
+                       and c.hook_state["owner"].module in block_layers for c in held)
+    loss.backward()
+    K = hooks.gram()
+    w = torch.rand(5, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    out = hooks.weighted_grads(w)
+    hooks.remove()
+    model.mode = None
+    G = per_example_grads(model, ce_sum, x, y)
+    torch.testing.assert_close(K, G @ G.T, rtol=1e-9, atol=1e-10)
+    rebuilt = torch.cat([out[p].reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(rebuilt, w @ G, rtol=1e-9, atol=1e-12)

@@ -391,6 +391,12 @@ class GramHooks:
                             tracker.mark_batched(o, 0)
             if not any(self._guarded(p) for p in owner.params):
                 return  # frozen (a LoRA base layer): its A and Δ would be held for nothing
+            pack = _checkpoint_pack(owner, args, kwargs)
+            if pack is not None and torch._C._current_graph_task_id() != -1:
+                # Gradient checkpointing recomputing this forward inside backward: hand it
+                # the input, to fill the place this hook packed in the original pass.
+                pack[0](args[0])
+                return
             # The bookkeeping below is not part of the model's computation: keep it out of
             # the batch tracer (a torch-function mode that would see every detach).
             with torch._C.DisableTorchFunction():
@@ -399,6 +405,17 @@ class GramHooks:
                                  out_template=_detach(output))
             if tracker is not None:
                 self._trace(owner, tracker, call, args, kwargs, outs)
+            if pack is not None:
+                # Inside a checkpointed region (non-reentrant torch.utils.checkpoint) the
+                # input is packed with the checkpoint's own saved-tensor hooks, like the
+                # tensors autograd saves there: dropped after the forward pass, recomputed
+                # in backward. Holding it here would cancel the checkpoint's saving.
+                holder = pack[0](args[0])
+                if not call.shared:
+                    call.hook_state["packed"] = (holder, pack[1])
+                    call.args = ()
+                    call.out_template = _map_tensors(lambda t: torch.empty_like(t, device="meta"),
+                                                     call.out_template)
             scale = batch if self.loss_reduction == "mean" else 1
             with torch._C.DisableTorchFunction():
                 for k, o in enumerate(outs):
@@ -508,6 +525,10 @@ class GramHooks:
                     "already released (it kept the layer's per-example gradients, or their "
                     "sketch, when the first output gradient arrived). Run one backward per "
                     "forward, or pass strategy='ghost' so every capture is kept until the step.")
+            packed = call.hook_state.pop("packed", None)
+            if packed is not None:  # the checkpoint recomputes the input (once) on request
+                holder, unpack = packed
+                call.args = (unpack(holder).detach(),)
             g = grad.detach() if sign is None else grad.detach() * sign
             prev = call.backprops[k]
             call.backprops[k] = g if prev is None else prev + g
@@ -955,6 +976,21 @@ class GramHooks:
             for idx, n, _ in uses:
                 routes[f"{self._owners[idx].path}.{n} (tied)"] = route
         return routes
+
+
+def _checkpoint_pack(owner: _Owner, args, kwargs):
+    """The (pack, unpack) saved-tensor hooks of a non-reentrant ``torch.utils.checkpoint``
+    region this call runs in, for a linear layer on one input; else ``None``.
+
+    Reads torch's current default saved-tensor hooks (``torch.utils.checkpoint`` does the
+    same to find the user's hooks), so it follows that private API."""
+    if not isinstance(owner.kernel, LinearKernel) or len(args) != 1 or kwargs or \
+            not isinstance(args[0], torch.Tensor):
+        return None
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None or not getattr(hooks[0], "_checkpoint_internal", False):
+        return None
+    return hooks
 
 
 def _has_grad(call: LayerCall) -> bool:
