@@ -120,10 +120,10 @@ def test_a_second_backward_through_a_condensed_forward_is_refused():
 class _Block(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(6, 12), nn.Linear(12, 6)
+        self.norm, self.a, self.b = nn.LayerNorm(6), nn.Linear(6, 12), nn.Linear(12, 6)
 
     def forward(self, x):
-        return x + self.b(torch.tanh(self.a(x)))
+        return x + self.b(torch.tanh(self.a(self.norm(x))))
 
 
 class _Checkpointed(nn.Module):
@@ -162,9 +162,10 @@ def test_gradient_checkpointing_is_exact_and_inputs_are_not_held_through_the_for
     else:
         loss = ce_sum(model(x), y)
     if mode == "non-reentrant":
-        # the blocks' linear inputs are packed with the checkpoint, not held by gradguard
+        # the blocks' linear and norm inputs are packed with the checkpoint, not held by
+        # gradguard
         held = [c for c in gc.get_objects() if isinstance(c, LayerCall) and c.args]
-        block_layers = [m for b in model.blocks for m in (b.a, b.b)]
+        block_layers = [m for b in model.blocks for m in (b.norm, b.a, b.b)]
         assert not any(c.args[0].shape[-1] in (6, 12) and c.batch_size == 5
                        and c.hook_state.get("owner") is not None
                        and c.hook_state["owner"].module in block_layers for c in held)

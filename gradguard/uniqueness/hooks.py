@@ -980,12 +980,13 @@ class GramHooks:
 
 def _checkpoint_pack(owner: _Owner, args, kwargs):
     """The (pack, unpack) saved-tensor hooks of a non-reentrant ``torch.utils.checkpoint``
-    region this call runs in, for a linear layer on one input; else ``None``.
+    region this call runs in, for a layer on one input whose kernel needs only that input
+    and the output gradient (linear layers, norms); else ``None``.
 
     Reads torch's current default saved-tensor hooks (``torch.utils.checkpoint`` does the
     same to find the user's hooks), so it follows that private API."""
-    if not isinstance(owner.kernel, LinearKernel) or len(args) != 1 or kwargs or \
-            not isinstance(args[0], torch.Tensor):
+    if not isinstance(owner.kernel, (LinearKernel, GradSamplerKernel)) or len(args) != 1 or \
+            kwargs or not isinstance(args[0], torch.Tensor):
         return None
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if hooks is None or not getattr(hooks[0], "_checkpoint_internal", False):
