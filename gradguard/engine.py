@@ -1059,6 +1059,9 @@ class GradGuard:
                  guard_seconds=self.guard_seconds, probe_seconds=self.probe_seconds)
         if self._accountant is not None:
             s["eps_run_rdp"] = self._accountant.run_epsilon(self.delta)
+        hooks = getattr(self.source, "hooks", None)
+        if hooks is not None:  # GNQ of sketched layers is an estimate: say so with the numbers
+            s["sketched_layers"] = len(hooks.sketched_layers)
         return s
 
     def hparams(self) -> dict[str, Any]:

@@ -175,6 +175,7 @@ _SUMMARY_LINES = (
     ("censored_total", "examples censored"),
     ("skipped_nonfinite", "steps skipped (non-finite)"),
     ("realised_rate", "realised rate (share of examples dropped or clipped)"),
+    ("sketched_layers", "layers whose GNQ is a sketch estimate (strategy='sketch')"),
 )
 
 

@@ -173,6 +173,9 @@ def test_guard_in_a_plain_loop_with_sketch(device):
         assert guard.hooks.layer_routes()["0"] == "sketch"
         opt.step()
     assert guard.step == 2 and bool(torch.isfinite(guard.last_gnq).all())
+    # the run says its GNQ is (partly) an estimate: layer "0" was sketched, "2" was not
+    assert guard.summary()["sketched_layers"] == 1
+    assert "1 layers whose GNQ is a sketch estimate" in guard._closing_summary()
     guard.close()
 
 

@@ -213,6 +213,8 @@ class GramHooks:
         self._workspaces: dict[tuple[int, int], dict] = defaultdict(dict)
         self._projections: dict = {}  # sketch projections, drawn once per seed, layer, shape
         self.gram_only = bool(gram_only)
+        #: paths of the layers whose Gram was a sketch estimate in any step so far
+        self.sketched_layers: set[str] = set()
         self._sketch_positions: dict[int, int] = {}  # per owner, this step's sketch layout
         self._paused = False
         self._attach()
@@ -814,10 +816,13 @@ class GramHooks:
                 o = self._owners[idx]
                 condensed = self._condensed_rows(idx, calls[idx], batch, names)
                 if condensed is not None:
+                    if condensed[0] == "sketch":
+                        self.sketched_layers.add(o.path)
                     for r in condensed[1].values():
                         r = r.to(self.gram_dtype)
                         K += r @ r.T
                 elif self._use_sketch(o, calls[idx], batch, names):
+                    self.sketched_layers.add(o.path)
                     K += sketched_gram(o.kernel, o.module, calls[idx], batch, names,
                                        self.gram_dtype, sketch_dim=self.sketch_dim,
                                        seed=self.sketch_seed, key=o.path,
@@ -830,6 +835,7 @@ class GramHooks:
             for uses in tied.values() if batch else ():
                 route = self._tied_route(uses, calls, batch)
                 if route == "sketch":
+                    self.sketched_layers.add(self._owners[uses[0][0]].path + ".tied")
                     K += sketched_tied_gram(self._tied_uses(uses, calls), batch, self.gram_dtype,
                                             sketch_dim=self.sketch_dim, seed=self.sketch_seed,
                                             key=self._owners[uses[0][0]].path + ".tied",
