@@ -115,3 +115,33 @@ def test_bert_classifier_with_padding(B, T, device):
                     reduction="sum").backward()
     assert rel_err(hooks.gram(), ref @ ref.T) < 1e-8
     hooks.remove()
+
+
+def test_llama_style_rms_norms_get_their_own_kernel_gemma_style_do_not():
+    """Llama's RMSNorm (and the copies of its forward: Mistral, Qwen2, ...) gets a kernel from
+    its input and Δ alone; the per-example gradients of the norm weights equal brute force.
+    Gemma's RMSNorm (``1 + weight``) is a different function and keeps torch.func."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    from gradguard.uniqueness.kernels import FunctionalKernel, GradSamplerKernel, kernel_for
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    model = llama(seed)
+    assert type(kernel_for(model.model.norm)) is GradSamplerKernel
+    assert type(kernel_for(MistralRMSNorm(4))) is GradSamplerKernel
+    assert type(kernel_for(GemmaRMSNorm(4))) is FunctionalKernel
+    ids = torch.randint(0, 29, (5, 6), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+
+    def loss_of(i):
+        return causal_lm_loss(model(input_ids=ids[i:i + 1]).logits, labels[i:i + 1])
+
+    G = per_example_loop_grads(model, loss_of, 5)
+    hooks = GramHooks(model, loss_reduction="sum")
+    causal_lm_loss(model(input_ids=ids).logits, labels).backward()
+    per = hooks.per_example_grads()
+    hooks.remove()
+    assert all(p in per for p in model.parameters())
+    flat = torch.cat([per[p].reshape(5, -1) for p in model.parameters()], 1)
+    torch.testing.assert_close(flat, G, rtol=1e-9, atol=1e-12)

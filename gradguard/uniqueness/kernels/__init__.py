@@ -33,6 +33,7 @@ from .linear import LinearKernel
 from .recurrent import RecurrentKernel
 from .transformers import (
     Conv1DKernel,
+    llama_rms_norm_kernel,
     register_transformers_kernels,
     tied_embedding_head_costs,
     tied_embedding_head_gram,
@@ -170,4 +171,9 @@ def kernel_for(module: nn.Module) -> LayerKernel:
                                  or kind.__module__.startswith("opacus.")):
         _register_opacus_samplers()
     register_transformers_kernels(KERNELS)  # only once transformers is imported
-    return KERNELS.get(kind, _FALLBACK)
+    kernel = KERNELS.get(kind)
+    if kernel is None:
+        kernel = llama_rms_norm_kernel(kind)
+        if kernel is not None:
+            KERNELS[kind] = kernel
+    return kernel if kernel is not None else _FALLBACK

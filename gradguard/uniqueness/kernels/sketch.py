@@ -102,7 +102,7 @@ def sketch_sides(d_in: int, d_out: int, sketch_dim: int, positions: int = 1
     # One block: the projection costs k_in·d_in + k_out·d_out per position, least for
     # k_in·k_out = sketch_dim at k_in / k_out = d_out / d_in (the narrow side projected less,
     # kept whole if it fits).
-    k_in = min(d_in, max(1, round(math.sqrt(sketch_dim * d_out / d_in))))
+    k_in = min(d_in, sketch_dim, max(1, round(math.sqrt(sketch_dim * d_out / d_in))))
     k_out = min(d_out, max(1, sketch_dim // k_in))
     if k_out == d_out:
         k_in = min(d_in, max(1, sketch_dim // d_out))

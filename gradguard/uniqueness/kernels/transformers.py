@@ -24,10 +24,11 @@ from torch import nn
 
 from .base import _CHUNK_ELEMENTS, LayerCall, LayerKernel, _Segment
 from .embedding import EmbeddingKernel
+from .functional import GradSamplerKernel
 from .linear import LinearKernel
 
 __all__ = ["Conv1DKernel", "register_transformers_kernels", "tied_embedding_head_gram",
-           "tied_embedding_head_costs"]
+           "tied_embedding_head_costs", "llama_rms_norm_kernel"]
 
 
 class Conv1DKernel(LinearKernel):
@@ -64,6 +65,42 @@ class Conv1DKernel(LinearKernel):
         out = super().from_rows(module, name, rows)
         return out.transpose(1, 2) if name == "weight" else out
 
+
+
+def _llama_rms_norm_grad_sample(layer: nn.Module, activations: list,
+                                backprops: torch.Tensor) -> dict:
+    """Per-example gradient of a Llama-style RMSNorm's weight: Σ over positions of δ ∘ x̂,
+    with x̂ normalised in float32 and cast back to the input's dtype, as the layer does."""
+    x = activations[0]
+    xf = x.to(torch.float32)
+    xhat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + layer.variance_epsilon)).to(
+        x.dtype)
+    g = backprops * xhat
+    return {layer.weight: g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)}
+
+
+def llama_rms_norm_kernel(layer_type: type) -> LayerKernel | None:
+    """A kernel for a ``transformers`` RMSNorm whose ``forward`` is Llama's, compiled to the
+    same bytecode (Mistral, Qwen2/3, Phi-3, Mixtral, ... copy it), else ``None`` (Gemma's
+    ``1 + weight`` and other variants keep the torch.func fallback).
+
+    Example:
+        >>> from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        >>> llama_rms_norm_kernel(LlamaRMSNorm) is not None, llama_rms_norm_kernel(nn.Linear)
+        (True, None)
+    """
+    if not layer_type.__module__.startswith("transformers.") or \
+            not layer_type.__name__.endswith("RMSNorm") or "transformers" not in sys.modules:
+        return None
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def signature(code):
+        return code.co_code, code.co_names, code.co_consts, code.co_varnames
+
+    forward = getattr(layer_type, "forward", None)
+    if forward is None or signature(forward.__code__) != signature(LlamaRMSNorm.forward.__code__):
+        return None
+    return GradSamplerKernel(_llama_rms_norm_grad_sample, reads_parameters=False)
 
 
 _registered = False
