@@ -40,7 +40,7 @@ GNQ modes; ``"global"`` gathers whole per-example gradients). Between steps para
 - kernels that need only the captures and the parameters' shapes work on the shards as
   they are (nn.Linear, nn.Conv*, nn.Embedding, GPT-2's Conv1D and its tied LM head, the
   norm layers); kernels that re-run the layer with its parameter values (the torch.func
-  fallback, e.g. LlamaRMSNorm; MultiheadAttention; RNNs; custom grad samplers) get those
+  fallback, e.g. Gemma's RMSNorm; MultiheadAttention; RNNs; custom grad samplers) get those
   parameters all-gathered whole while they run, on every rank in the same order: one
   all-gather per such parameter per step, and that layer's full weights in memory for
   the moment. Such a layer sharded by ``fully_shard`` itself is refused (re-running it
