@@ -216,6 +216,7 @@ class GramHooks:
         #: paths of the layers whose Gram was a sketch estimate in any step so far
         self.sketched_layers: set[str] = set()
         self._sketch_positions: dict[int, int] = {}  # per owner, this step's sketch layout
+        self._assembled: dict[int, tuple] = {}  # per owner, this step's condensed rows
         self._paused = False
         self._attach()
 
@@ -542,6 +543,7 @@ class GramHooks:
                 call.workspace = self._workspaces[(idx, len(self._calls[idx]))]
                 self._calls[idx].append((fid, call))
             self._collected = None
+            self._assembled.clear()
             if sign is None and len(call.backprops) == 1:
                 self._maybe_condense(idx, call)
         return hook
@@ -598,6 +600,8 @@ class GramHooks:
                         names) -> tuple[str, dict[str, torch.Tensor]] | None:
         """(kind, {name: [B, n]}) when some call of the owner was condensed (the others are
         condensed the same way now), else ``None``."""
+        if idx in self._assembled:  # (gram, then weighted_grads under a policy)
+            return self._assembled[idx]
         kind = next((c.condensed["kind"] for c in calls if c.condensed is not None), None)
         if kind is None:
             return None
@@ -609,6 +613,7 @@ class GramHooks:
                 if name not in rows:
                     rows[name] = r.new_zeros(batch, r.shape[1])
                 rows[name][c.offset:c.offset + c.batch_size] += r
+        self._assembled[idx] = kind, rows
         return kind, rows
 
     def _refuse_sketched(self, idx: int, what: str):
@@ -648,6 +653,7 @@ class GramHooks:
         """Forget what was captured (call after each optimizer step)."""
         self._calls.clear()
         self._sketch_positions.clear()
+        self._assembled.clear()
         self._received.clear()
         self._grad_after_backward.clear()
         self._collected = None
