@@ -1000,7 +1000,8 @@ def _checkpoint_pack(owner: _Owner, args, kwargs):
     if not isinstance(owner.kernel, (LinearKernel, GradSamplerKernel)) or len(args) != 1 or \
             kwargs or not isinstance(args[0], torch.Tensor):
         return None
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None  # (a torch without it: hold as before)
     if hooks is None or not getattr(hooks[0], "_checkpoint_internal", False):
         return None
     return hooks
