@@ -51,18 +51,22 @@ __all__ = ["DEFAULT_SKETCH_DIM", "AUTO_SKETCH_MULTIPLE", "sketch_projection", "s
            "sketch_rows", "sketched_gram", "can_sketch", "sketch_costs", "sketched_tied_gram",
            "tied_sketch_costs"]
 
-#: Per-layer sketch size (64 blocks of 16 × 16). Chosen on an MLP and a CNN (B = 32, 128);
-#: measured on GPT-2-/Llama-shaped models it was not tuned on (tests/test_sketch.py).
+#: Per-layer sketch size: 64 blocks of 16 × 16 for a layer on vectors, one block (e.g.
+#: 128 × 128, or 256 × 64 for a 256 → 1024 layer) from 64 positions on. Chosen on an MLP
+#: and a CNN (B = 32, 128); measured on GPT-2-/Llama-shaped models it was not tuned on
+#: (tests/test_sketch.py, benchmarks/sketch_error.py).
 DEFAULT_SKETCH_DIM = 16384
 #: ``strategy="auto"`` sketches a layer only when its exact routes (ghost and materialised)
 #: both cost more than this multiple of the layer's own backward pass (2·rows·d_in·d_out
 #: flops) and the sketch costs less; otherwise GNQ stays exact. ``strategy="sketch"``
-#: sketches every affine layer larger than the sketch, whatever it costs: the blockwise
-#: projection costs about blocks·side·(d_in + d_out) flops per token (1024·(d_in + d_out)
-#: at the default), less than the exact routes only for layers wider than about 2048.
+#: sketches every affine layer larger than the sketch, whatever it costs: the projection
+#: costs blocks·(k_in·d_in + k_out·d_out) flops per position (for one block of the default
+#: on a 256 → 1024 layer, 65k, a quarter of the layer's own d_in·d_out), plus
+#: k_in·k_out·blocks for the Kronecker core.
 AUTO_SKETCH_MULTIPLE = 4.0
-#: Number of independent Kronecker blocks a layer's sketch is split into when both of its
-#: sides are projected (see :func:`sketch_sides`): 64 blocks of 8 × 8 for a sketch of 4096.
+#: Most independent Kronecker blocks a layer's sketch is split into when both of its sides
+#: are projected (layers on vectors; see :func:`sketch_sides`): 64 blocks of 8 × 8 for a
+#: sketch of 4096.
 _BLOCKS = 64
 
 
