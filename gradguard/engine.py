@@ -98,7 +98,10 @@ class GradGuard:
             the optimizer apply the NaN first. A finite Gram for which K + λI does not
             factorise raises ValueError whatever this setting.
         strategy: ``"auto"``, ``"ghost"``, ``"materialise"`` or ``"sketch"`` per-layer Gram
-            route (see :class:`~gradguard.uniqueness.hooks.GramHooks`).
+            route (see :class:`~gradguard.uniqueness.hooks.GramHooks`). Where a layer is
+            sketched (``"sketch"``, or ``"auto"`` where exact routes cost more than
+            ``AUTO_SKETCH_MULTIPLE`` × its backward) GNQ is an estimate; ``summary()`` and
+            the closing summary count such layers (``sketched_layers``).
         sketch_dim: per-layer sketch size under ``"sketch"`` (default 16384).
         sketch_seed: seed of the sketch projections.
         gram_dtype: dtype of layer Grams (default float32; float64 for float64 models). They

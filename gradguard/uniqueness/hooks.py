@@ -1043,10 +1043,13 @@ def per_example_gnq(model: nn.Module, loss_fn, x, y, lam: float = 1e-2, *, relat
         lam: ridge λ > 0 (or ρ with ``relative=True``).
         relative: use λ = ρ·trace(K)/B.
         strategy: ``"auto"``, ``"ghost"``, ``"materialise"`` or ``"sketch"`` (see
-            :class:`GramHooks`).
+            :class:`GramHooks`). ``"auto"`` is exact except for layers whose exact routes
+            cost more than ``AUTO_SKETCH_MULTIPLE`` × their backward (large batches of short
+            sequences, very wide layers), which it sketches; pass ``"ghost"`` or
+            ``"materialise"`` for exact GNQ always.
         batch_first: whether inputs are batch first.
         gram_dtype: dtype of the layer Grams (default float32, float64 for float64 models).
-        sketch_dim: per-layer sketch size under ``strategy="sketch"``.
+        sketch_dim: per-layer sketch size where a layer is sketched.
         sketch_seed: seed of the sketch projections.
 
     Returns:
