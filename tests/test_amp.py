@@ -99,3 +99,42 @@ def test_steps_the_scaler_skips_are_not_counted(device):
     assert int(guard.ledger.steps_seen.sum()) == 16
     assert guard.ledger.steps_seen[8:16].sum() == 0  # the skipped batch's examples
     guard.close()
+
+
+def test_drop_on_long_sequences_rebuilds_unscaled_gradients_from_kept_rows(device):
+    """Sequences long enough that each layer keeps its per-example gradients instead of its
+    captures (formed from the scaled output gradients as they arrive): GNQ in the true
+    scale and the rebuilt, unscaled update of the kept examples, under a GradScaler."""
+    g = torch.Generator().manual_seed(3)
+    ds = TensorDataset(torch.randn(16, 30, 5, generator=g),
+                       torch.randint(0, 3, (16, 30), generator=g))
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(device)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 12)
+    guard = gg.GradGuard(lam=LAM, policy="drop", threshold=gg.Quantile(0.7))
+    model, opt, loader = guard.make_guarded(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(ds, batch_size=8), grad_scaler=scaler)
+    inner = opt.original_optimizer
+    applied, original_step = [], inner.step
+
+    def step(*args, **kwargs):
+        applied.append(torch.cat([p.grad.reshape(-1).double() for p in model.parameters()]))
+        return original_step(*args, **kwargs)
+
+    inner.step = step
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        G, want = reference(model, x, y)
+        opt.zero_grad()
+        scaler.scale(ce_sum(model(x), y) / len(x)).backward()
+        assert all(c.condensed is not None
+                   for calls in guard.source.hooks._calls.values() for _, c in calls)
+        scaler.step(opt)
+        scaler.update()
+        torch.testing.assert_close(guard.last_gnq, want, rtol=1e-4, atol=1e-6)
+        w = guard.last_weights
+        assert 0 < int((w == 0).sum()) < len(x)
+        torch.testing.assert_close(applied[-1], (w[:, None] * G).sum(0) / len(x), rtol=1e-4,
+                                   atol=1e-6)
+    guard.close()
