@@ -29,11 +29,14 @@ def fresh_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()))
 
 
-def sketched_gram(model, x, y, *, sketch_dim, seed):
+def sketched_gram(model, x, y, *, sketch_dim, seed, gram_only=False):
     hooks = GramHooks(model, loss_reduction="sum", strategy="sketch", sketch_dim=sketch_dim,
-                      sketch_seed=seed)
+                      sketch_seed=seed, gram_only=gram_only)
     try:
         ce_sum(model(x), y).backward()
+        if gram_only:  # every call kept only its sketch rows
+            assert all(c.condensed is not None and c.args == ()
+                       for calls in hooks._calls.values() for _, c in calls)
         return hooks.gram(), hooks.layer_routes()
     finally:
         hooks.remove()
@@ -91,9 +94,11 @@ class _TiedLM(nn.Module):
         return self.head(torch.tanh(self.emb(ids)))
 
 
-def test_sketched_tied_embedding_head_gram_is_unbiased():
+@pytest.mark.parametrize("gram_only", [False, True], ids=["captures", "rows-as-Δ-arrives"])
+def test_sketched_tied_embedding_head_gram_is_unbiased(gram_only):
     """The tied weight is sketched as one matrix (head and embedding in one projected space);
-    the mean over seeds converges to the exact Gram of the summed per-example gradients."""
+    the mean over seeds converges to the exact Gram of the summed per-example gradients,
+    also when each use keeps only its sketch rows from the moment its Δ arrives."""
     torch.manual_seed(fresh_seed())
     model = _TiedLM(13, 6).to(F64)
     ids, y = torch.randint(0, 13, (5, 4)), torch.randint(0, 13, (5, 4))
@@ -102,7 +107,8 @@ def test_sketched_tied_embedding_head_gram_is_unbiased():
     draws = []
     base = fresh_seed()
     for k in range(300):
-        K, routes = sketched_gram(model, ids, y, sketch_dim=40, seed=base + k)
+        K, routes = sketched_gram(model, ids, y, sketch_dim=40, seed=base + k,
+                                  gram_only=gram_only)
         draws.append(K)
     assert routes == {"emb.weight (tied)": "sketch", "head.weight (tied)": "sketch"}
     draws = torch.stack(draws)
@@ -229,3 +235,27 @@ def test_default_sketch_meets_the_error_target_on_models_it_was_not_tuned_on(fac
     rel = ((sketched - exact).abs() / exact).median()
     assert float(rel) <= 0.05, float(rel)
     assert spearmanr(sketched.cpu().numpy(), exact.cpu().numpy()).statistic >= 0.95
+
+
+def test_gpt2_rows_kept_as_each_delta_arrives_give_the_same_sketch():
+    """Under a monitor every sketched GPT-2 layer (Conv1D, tied embedding/LM head) keeps only
+    its sketch rows from the moment its output gradient arrives: the same projections, so
+    the same Gram as sketching the held captures at the step (to rounding)."""
+    pytest.importorskip("transformers")
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = _PlainLM(_gpt2_tiny()).to(F64)
+    ids = torch.randint(0, 100, (6, 8))
+    loss = lambda logits, ids: ce_sum(logits, ids[:, 1:])  # noqa: E731
+    grams = []
+    for gram_only in (False, True):
+        hooks = GramHooks(model, loss_reduction="sum", strategy="sketch", sketch_dim=1024,
+                          sketch_seed=seed, gram_only=gram_only)
+        loss(model(ids), ids).backward()
+        routes = hooks.layer_routes()
+        grams.append(hooks.gram())
+        hooks.remove()
+        model.zero_grad(set_to_none=True)
+    assert routes["model.lm_head.weight (tied)"] == "sketch"
+    assert routes["model.transformer.h.0.mlp.c_fc"] == "sketch"
+    torch.testing.assert_close(grams[1], grams[0], rtol=1e-10, atol=1e-12)

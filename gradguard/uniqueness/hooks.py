@@ -36,16 +36,18 @@ from .kernels import (
     tied_embedding_head_costs,
     tied_embedding_head_gram,
 )
-from .kernels.base import _gram_of
+from .kernels.base import _gram_of, _Segment
 from .kernels.linear import condensed_rows
 from .kernels.sketch import (
     AUTO_SKETCH_MULTIPLE,
     DEFAULT_SKETCH_DIM,
+    add_tied_rows_,
     can_sketch,
     sketch_costs,
     sketch_rows,
     sketched_gram,
     sketched_tied_gram,
+    tied_projections,
     tied_sketch_costs,
 )
 from .provenance import MERGED, BatchTracker, SharedOutput, UnsupportedLayerError
@@ -253,6 +255,11 @@ class GramHooks:
             for p in o.params:
                 uses[id(p)] += 1
         self._tied = {i for i, n in uses.items() if n > 1}
+        self._tied_owners: dict[int, list[int]] = defaultdict(list)
+        for idx, o in enumerate(self._owners):
+            for p in o.params:
+                if id(p) in self._tied:
+                    self._tied_owners[id(p)].append(idx)
 
     def _find_sharded_values(self) -> None:
         """The FSDP-sharded parameters whose values a kernel reads, gathered whole while
@@ -561,8 +568,13 @@ class GramHooks:
     def _maybe_condense(self, idx: int, call: LayerCall) -> None:
         """Reduce the call to its per-example rows now, if its route allows and they are
         smaller than the captures (see the class docstring, Memory)."""
+        if call.batch_size == 0:
+            return
+        if self._tied_sketch_plan(idx) is not None:
+            self._condense_tied(idx, call)
+            return
         names = self._condensable_names(idx, call)
-        if not names or call.batch_size == 0:
+        if not names:
             return
         owner, b = self._owners[idx], call.batch_size
         seg = owner.kernel.segments(owner.module, [call])[0]
@@ -595,6 +607,64 @@ class GramHooks:
         call.condensed = {"kind": kind, "rows": condensed_rows(seg, names, sketch=sketch)}
         call.args, call.kwargs, call.out_template = (), {}, None
         call.backprops = [None] * len(call.backprops)
+
+    def _tied_sketch_plan(self, idx: int) -> tuple[int, str, int, int] | None:
+        """(param id, projection key, d, V) when owner ``idx`` uses a weight tied between an
+        embedding and a bias-free linear head that is sketched under a monitor (only its
+        sketch rows are needed, so each use keeps them as its Δ arrives); else None."""
+        if not (self.gram_only and self.strategy == "sketch"):
+            return None
+        tied = [p for p in self._owners[idx].params if id(p) in self._tied and self._guarded(p)]
+        if len(tied) != 1 or tied[0].numel() <= self.sketch_dim:
+            return None
+        p = tied[0]
+        owners = [self._owners[i] for i in self._tied_owners[id(p)]]
+        kinds = sorted(type(o.kernel).__name__ for o in owners)
+        if kinds != ["EmbeddingKernel", "LinearKernel"] or any(
+                isinstance(o.kernel, LinearKernel) and o.module.bias is not None for o in owners):
+            return None
+        return id(p), owners[0].path + ".tied", p.shape[1], p.shape[0]
+
+    def _condense_tied(self, idx: int, call: LayerCall) -> None:
+        """Reduce one use of a sketched tied weight to its sketch rows (see
+        :func:`~gradguard.uniqueness.kernels.sketch.add_tied_rows_`)."""
+        pid, key, d, vocab = self._tied_sketch_plan(idx)
+        owner = self._owners[idx]
+        call.args, call.backprops = _map_tensors(lambda t: _promote(t, self.gram_dtype),
+                                                 (call.args, call.backprops))
+        if isinstance(owner.kernel, EmbeddingKernel):
+            ids, D, _ = owner.kernel._segments(owner.module, [call])[0]
+            uses = {"emb_segs": [(ids, D, 0)]}
+            positions, dtype = ids.shape[1], D.dtype
+        else:
+            seg = owner.kernel.segments(owner.module, [call])[0]
+            uses = {"head_segs": [_Segment(seg.A, seg.D, 0)]}
+            positions, dtype = seg.A.shape[1], seg.A.dtype
+        positions = self._sketch_positions.setdefault(pid, positions)
+        proj = tied_projections(d, vocab, positions, sketch_dim=self.sketch_dim,
+                                seed=self.sketch_seed, key=key, device=call.backprops[0].device,
+                                dtype=dtype, cache=self._projections)
+        R = torch.zeros(call.batch_size, 1, proj.r, proj.k_out, proj.k_in, dtype=dtype,
+                        device=call.backprops[0].device)
+        add_tied_rows_(R, proj, **uses)
+        call.condensed = {"kind": "sketch", "rows": {"weight": proj.finish(R)}}
+        call.args, call.kwargs, call.out_template = (), {}, None
+        call.backprops = [None] * len(call.backprops)
+
+    def _tied_condensed_rows(self, uses, calls, batch: int) -> torch.Tensor | None:
+        """``[B, m]`` sketch rows of a tied weight whose uses were condensed, else None."""
+        use_calls = [(idx, c) for idx, _, _ in uses for c in calls[idx]]
+        if not any(c.condensed is not None for _, c in use_calls):
+            return None
+        R = None
+        for idx, c in use_calls:
+            if c.condensed is None:
+                self._condense_tied(idx, c)
+            r = c.condensed["rows"]["weight"]
+            if R is None:
+                R = r.new_zeros(batch, r.shape[1])
+            R[c.offset:c.offset + c.batch_size] += r
+        return R
 
     def _condensed_rows(self, idx: int, calls: list[LayerCall], batch: int,
                         names) -> tuple[str, dict[str, torch.Tensor]] | None:
@@ -839,6 +909,12 @@ class GramHooks:
                     K += o.kernel.materialised_gram(o.module, calls[idx], batch, names,
                                                     self.gram_dtype)
             for uses in tied.values() if batch else ():
+                R = self._tied_condensed_rows(uses, calls, batch)
+                if R is not None:
+                    self.sketched_layers.add(self._owners[uses[0][0]].path + ".tied")
+                    R = R.to(self.gram_dtype)
+                    K += R @ R.T
+                    continue
                 route = self._tied_route(uses, calls, batch)
                 if route == "sketch":
                     self.sketched_layers.add(self._owners[uses[0][0]].path + ".tied")
@@ -863,6 +939,9 @@ class GramHooks:
         """Per-example gradients of a weight used by several layers: the sum of its uses'.
         Embedding uses scatter their rows into the others' sum in place (a tied LM head's
         [B, V, E] is not allocated twice)."""
+        for idx, _, _ in uses:
+            if any(c.condensed is not None for c in calls[idx]):
+                self._refuse_sketched(idx, "per-example gradients")
         g = None
         embedding_last = sorted(uses, key=lambda u: isinstance(self._owners[u[0]].kernel,
                                                                EmbeddingKernel))
@@ -984,7 +1063,8 @@ class GramHooks:
                 routes[o.path] = "ghost" if self._use_ghost(o, calls[idx], batch, names) \
                     else "materialise"
         for uses in tied.values():
-            route = self._tied_route(uses, calls, batch)
+            condensed = any(c.condensed is not None for idx, _, _ in uses for c in calls[idx])
+            route = "sketch" if condensed else self._tied_route(uses, calls, batch)
             for idx, n, _ in uses:
                 routes[f"{self._owners[idx].path}.{n} (tied)"] = route
         return routes

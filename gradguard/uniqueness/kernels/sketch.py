@@ -49,7 +49,7 @@ from .base import LayerCall, LayerKernel, _AffineKernel, _Segment, _segments_bia
 
 __all__ = ["DEFAULT_SKETCH_DIM", "AUTO_SKETCH_MULTIPLE", "sketch_projection", "sketch_sides",
            "sketch_rows", "sketched_gram", "can_sketch", "sketch_costs", "sketched_tied_gram",
-           "tied_sketch_costs"]
+           "tied_sketch_costs", "tied_projections", "add_tied_rows_"]
 
 #: Per-layer sketch size: 64 blocks of 16 × 16 for a layer on vectors, one block (e.g.
 #: 128 × 128, or 256 × 64 for a 256 → 1024 layer) from 64 positions on. Chosen on an MLP
@@ -247,15 +247,39 @@ def sketched_gram(kernel: _AffineKernel, module: nn.Module, calls: Sequence[Laye
     return K
 
 
+def tied_projections(d: int, vocab: int, positions: int, *, sketch_dim: int, seed: int, key: str,
+                     device: torch.device, dtype: torch.dtype,
+                     cache: dict | None = None) -> _Projections:
+    """The projections of a weight tied between an embedding and an LM head (``[V, d]``:
+    the head's output side is the vocabulary)."""
+    return _Projections(d, vocab, positions, sketch_dim=sketch_dim, seed=seed, key=key,
+                        device=device, dtype=dtype, cache=cache)
+
+
+def add_tied_rows_(R: torch.Tensor, proj: _Projections, *, head_segs=(), emb_segs=()) -> None:
+    """Add both uses' sketches of a tied embedding/head weight to ``R``
+    (``[B, 1, r, k_out, k_in]``): the head's as for any linear layer, the embedding's
+    Σ_t (P_out e_{id_t})(P_in δ_t)ᵀ, where P_out e_id is column ``id`` of P_out (a gather:
+    no V × d matrix per example, no V-wide product per token)."""
+    for s in head_segs:
+        A = proj.project_in(s.A.to(R.dtype))
+        proj.add_core_(R, A, proj.project_out(s.D.to(R.dtype)), s.offset)
+    for ids, D, offset in emb_segs:  # out side: one-hot e_id; in side: the output gradient
+        A = proj.project_in(D.to(R.dtype)).unsqueeze(2)
+        if proj.P_out is None:
+            Dp = torch.nn.functional.one_hot(ids, proj.k_out).to(R.dtype)
+        else:
+            Dp = proj.P_out.T[ids]
+        proj.add_core_(R, A, Dp.unsqueeze(2), offset)
+
+
 def sketched_tied_gram(uses, batch_size: int, dtype: torch.dtype, *, sketch_dim: int, seed: int,
                        key: str, cache: dict | None = None) -> torch.Tensor | None:
     """The sketched Gram of a weight tied between an ``nn.Embedding`` and a bias-free
     ``nn.Linear`` LM head (``[V, d]``), or ``None`` for other sharings.
 
     The sketch is linear in the gradient, so the tied gradient's sketch is the sum of both
-    uses' sketches in one projected space: the head's as for any linear layer, the
-    embedding's Σ_t (P_out e_{id_t})(P_in δ_t)ᵀ, where P_out e_id is column ``id`` of
-    P_out (a gather: no V × d matrix per example, no V-wide product per token).
+    uses' sketches in one projected space (:func:`add_tied_rows_`).
     """
     from .transformers import _tied_pair
 
@@ -267,19 +291,11 @@ def sketched_tied_gram(uses, batch_size: int, dtype: torch.dtype, *, sketch_dim:
     emb_segs = ek._segments(emb, ec)
     s0 = head_segs[0]
     positions = min([s.A.shape[1] for s in head_segs] + [ids.shape[1] for ids, _, _ in emb_segs])
-    proj = _Projections(s0.A.shape[3], s0.D.shape[3], positions, sketch_dim=sketch_dim,
-                        seed=seed, key=key, device=s0.A.device, dtype=s0.A.dtype, cache=cache)
+    proj = tied_projections(s0.A.shape[3], s0.D.shape[3], positions, sketch_dim=sketch_dim,
+                            seed=seed, key=key, device=s0.A.device, dtype=s0.A.dtype,
+                            cache=cache)
     R = s0.A.new_zeros(batch_size, 1, proj.r, proj.k_out, proj.k_in)
-    for s in head_segs:
-        A = proj.project_in(s.A)
-        proj.add_core_(R, A, proj.project_out(s.D.to(A.dtype)), s.offset)
-    for ids, D, offset in emb_segs:  # out side: one-hot e_id; in side: the output gradient
-        A = proj.project_in(D.to(R.dtype)).unsqueeze(2)
-        if proj.P_out is None:
-            Dp = torch.nn.functional.one_hot(ids, s0.D.shape[3]).to(R.dtype)
-        else:
-            Dp = proj.P_out.T[ids]
-        proj.add_core_(R, A, Dp.unsqueeze(2), offset)
+    add_tied_rows_(R, proj, head_segs=head_segs, emb_segs=emb_segs)
     R = proj.finish(R).to(dtype)
     return R @ R.T
 
