@@ -20,12 +20,10 @@ import datetime
 import glob
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -36,6 +34,7 @@ from gradguard.ledger import DisclosureLedger
 from gradguard.policies import Quantile, policy_weights
 from gradguard.uniqueness.gnq import gnq_from_grads
 from tests.reference import ce_sum, gnq_explicit, per_example_grads
+from tests.spawn import spawn
 
 # End to end: two gloo processes (kept in CI; deselect with -m "not slow").
 pytestmark = pytest.mark.slow
@@ -184,16 +183,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+    spawn(_worker, out_dir, nprocs=WORLD)
     ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
              for r in range(WORLD)]
     return ranks, out_dir

@@ -20,12 +20,10 @@ import datetime
 import importlib.util
 import itertools
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -40,6 +38,7 @@ from tests.reference import (
     per_example_loop_grads,
     rel_err,
 )
+from tests.spawn import spawn
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available(),
@@ -293,14 +292,9 @@ def _worker(rank: int, port: int, out_dir: str, world: int = WORLD) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _spawn(out_dir: str, world: int) -> list[dict]:
-    mp.spawn(_worker, args=(_free_port(), out_dir, world), nprocs=world, join=True)
+    spawn(_worker, out_dir, world, nprocs=world)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
             for r in range(world)]
 
