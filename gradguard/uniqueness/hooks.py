@@ -885,7 +885,6 @@ class GramHooks:
         # float64 sums, or float32 where the device has no float64 (see solve_dtype)
         K = torch.zeros(batch, batch, dtype=solve_dtype(device), device=device)
         solo, tied = self._plan(calls)
-        kept = _RowsGram(K, self.gram_dtype)
         with self._computing():  # (on every rank, also with an empty batch)
             for idx, names in solo.items() if batch else ():
                 if not names:
@@ -896,7 +895,8 @@ class GramHooks:
                     if condensed[0] == "sketch":
                         self.sketched_layers.add(o.path)
                     for r in condensed[1].values():
-                        kept.add(r)
+                        r = r.to(self.gram_dtype)
+                        K += r @ r.T
                 elif self._use_sketch(o, calls[idx], batch, names):
                     self.sketched_layers.add(o.path)
                     K += sketched_gram(o.kernel, o.module, calls[idx], batch, names,
@@ -912,7 +912,8 @@ class GramHooks:
                 R = self._tied_condensed_rows(uses, calls, batch)
                 if R is not None:
                     self.sketched_layers.add(self._owners[uses[0][0]].path + ".tied")
-                    kept.add(R)
+                    R = R.to(self.gram_dtype)
+                    K += R @ R.T
                     continue
                 route = self._tied_route(uses, calls, batch)
                 if route == "sketch":
@@ -928,7 +929,6 @@ class GramHooks:
                     continue
                 K += _gram_of([self._tied_per_example_grads(uses, calls, batch)], batch,
                               self.gram_dtype)
-            kept.flush()
         if self._scale != 1:
             K *= float(self._scale) ** 2
         # Layer Grams formed in float32 (chunked einsums) are symmetric only to rounding,
@@ -1068,32 +1068,6 @@ class GramHooks:
             for idx, n, _ in uses:
                 routes[f"{self._owners[idx].path}.{n} (tied)"] = route
         return routes
-
-
-class _RowsGram:
-    """Adds Σ_l R_l R_lᵀ to ``K`` for many ``[B, n_l]`` row blocks (layers' kept per-example
-    rows) in few GEMMs: blocks are concatenated up to about 4M elements per GEMM, since a
-    GEMM per small block (32 LoRA adapters) costs more in dispatch than in flops."""
-
-    _ELEMENTS = 1 << 22
-
-    def __init__(self, K: torch.Tensor, dtype: torch.dtype):
-        self.K, self.dtype = K, dtype
-        self.pending: list[torch.Tensor] = []
-        self.size = 0
-
-    def add(self, rows: torch.Tensor) -> None:
-        self.pending.append(rows)
-        self.size += rows.numel()
-        if self.size >= self._ELEMENTS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            R = torch.cat([r.to(self.dtype) for r in self.pending], 1) \
-                if len(self.pending) > 1 else self.pending[0].to(self.dtype)
-            self.K += R @ R.T
-            self.pending, self.size = [], 0
 
 
 def _checkpoint_pack(owner: _Owner, args, kwargs):
