@@ -591,10 +591,20 @@ class GramHooks:
         if kind is not None and size < captured:
             self._condense(idx, call, names, kind)
 
-    def _condense(self, idx: int, call: LayerCall, names, kind: str) -> None:
-        owner = self._owners[idx]
+    def _promote_captures(self, call: LayerCall) -> None:
         call.args, call.backprops = _map_tensors(lambda t: _promote(t, self.gram_dtype),
                                                  (call.args, call.backprops))
+
+    @staticmethod
+    def _keep_only(call: LayerCall, kind: str, rows: dict[str, torch.Tensor]) -> None:
+        """The call keeps ``rows`` and releases its inputs, output and output gradients."""
+        call.condensed = {"kind": kind, "rows": rows}
+        call.args, call.kwargs, call.out_template = (), {}, None
+        call.backprops = [None] * len(call.backprops)
+
+    def _condense(self, idx: int, call: LayerCall, names, kind: str) -> None:
+        owner = self._owners[idx]
+        self._promote_captures(call)
         seg = owner.kernel.segments(owner.module, [call])[0]
         sketch = None
         if kind == "sketch":
@@ -604,9 +614,7 @@ class GramHooks:
                 return sketch_rows([s], s.A.shape[0], sketch_dim=self.sketch_dim,
                                    seed=self.sketch_seed, key=owner.path,
                                    cache=self._projections, positions=positions)
-        call.condensed = {"kind": kind, "rows": condensed_rows(seg, names, sketch=sketch)}
-        call.args, call.kwargs, call.out_template = (), {}, None
-        call.backprops = [None] * len(call.backprops)
+        self._keep_only(call, kind, condensed_rows(seg, names, sketch=sketch))
 
     def _tied_sketch_plan(self, idx: int) -> tuple[int, str, int, int] | None:
         """(param id, projection key, d, V) when owner ``idx`` uses a weight tied between an
@@ -619,9 +627,9 @@ class GramHooks:
             return None
         p = tied[0]
         owners = [self._owners[i] for i in self._tied_owners[id(p)]]
-        kinds = sorted(type(o.kernel).__name__ for o in owners)
-        if kinds != ["EmbeddingKernel", "LinearKernel"] or any(
-                isinstance(o.kernel, LinearKernel) and o.module.bias is not None for o in owners):
+        embeddings = [o for o in owners if type(o.kernel) is EmbeddingKernel]
+        heads = [o for o in owners if type(o.kernel) is LinearKernel and o.module.bias is None]
+        if len(owners) != 2 or len(embeddings) != 1 or len(heads) != 1:
             return None
         return id(p), owners[0].path + ".tied", p.shape[1], p.shape[0]
 
@@ -630,8 +638,7 @@ class GramHooks:
         :func:`~gradguard.uniqueness.kernels.sketch.add_tied_rows_`)."""
         pid, key, d, vocab = self._tied_sketch_plan(idx)
         owner = self._owners[idx]
-        call.args, call.backprops = _map_tensors(lambda t: _promote(t, self.gram_dtype),
-                                                 (call.args, call.backprops))
+        self._promote_captures(call)
         if isinstance(owner.kernel, EmbeddingKernel):
             ids, D, _ = owner.kernel._segments(owner.module, [call])[0]
             uses = {"emb_segs": [(ids, D, 0)]}
@@ -647,9 +654,7 @@ class GramHooks:
         R = torch.zeros(call.batch_size, 1, proj.r, proj.k_out, proj.k_in, dtype=dtype,
                         device=call.backprops[0].device)
         add_tied_rows_(R, proj, **uses)
-        call.condensed = {"kind": "sketch", "rows": {"weight": proj.finish(R)}}
-        call.args, call.kwargs, call.out_template = (), {}, None
-        call.backprops = [None] * len(call.backprops)
+        self._keep_only(call, "sketch", {"weight": proj.finish(R)})
 
     def _tied_condensed_rows(self, uses, calls, batch: int) -> torch.Tensor | None:
         """``[B, m]`` sketch rows of a tied weight whose uses were condensed, else None."""
