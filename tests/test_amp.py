@@ -22,17 +22,33 @@ from tests.reference import ce_sum, gnq_explicit, per_example_grads
 LAM = 1e-2
 
 
-def setup(policy_kwargs, *, device, n=24, seed=0):
+def setup(policy_kwargs, *, device, n=24, seed=0, seq_len=None, hidden=16):
+    """A guarded MLP on vectors (or, with ``seq_len``, on sequences of that length)."""
     g = torch.Generator().manual_seed(seed)
-    ds = TensorDataset(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g))
+    positions = () if seq_len is None else (seq_len,)
+    ds = TensorDataset(torch.randn(n, *positions, 5, generator=g),
+                       torch.randint(0, 3, (n, *positions), generator=g))
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).to(device)
+    model = nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 3)).to(device)
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 12)
     guard = gg.GradGuard(lam=LAM, **policy_kwargs)
     model, opt, loader = guard.make_guarded(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=DataLoader(ds, batch_size=8), grad_scaler=scaler)
     return guard, model, opt, loader, scaler
+
+
+def record_applied(opt, model) -> list[torch.Tensor]:
+    """The flat gradients the wrapped optimizer is handed at each step."""
+    inner = opt.original_optimizer
+    applied, original_step = [], inner.step
+
+    def step(*args, **kwargs):
+        applied.append(torch.cat([p.grad.reshape(-1).double() for p in model.parameters()]))
+        return original_step(*args, **kwargs)
+
+    inner.step = step
+    return applied
 
 
 def reference(model, x, y):
@@ -62,14 +78,7 @@ def test_gnq_is_in_the_true_loss_scale(autocast, device):
 def test_drop_rebuilds_unscaled_gradients(device):
     guard, model, opt, loader, scaler = setup({"policy": "drop",
                                                "threshold": gg.Quantile(0.7)}, device=device)
-    inner = opt.original_optimizer
-    applied, original_step = [], inner.step
-
-    def step(*args, **kwargs):
-        applied.append(torch.cat([p.grad.reshape(-1).double() for p in model.parameters()]))
-        return original_step(*args, **kwargs)
-
-    inner.step = step
+    applied = record_applied(opt, model)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         G, _ = reference(model, x, y)
@@ -105,24 +114,10 @@ def test_drop_on_long_sequences_rebuilds_unscaled_gradients_from_kept_rows(devic
     """Sequences long enough that each layer keeps its per-example gradients instead of its
     captures (formed from the scaled output gradients as they arrive): GNQ in the true
     scale and the rebuilt, unscaled update of the kept examples, under a GradScaler."""
-    g = torch.Generator().manual_seed(3)
-    ds = TensorDataset(torch.randn(16, 30, 5, generator=g),
-                       torch.randint(0, 3, (16, 30), generator=g))
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(device)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 12)
-    guard = gg.GradGuard(lam=LAM, policy="drop", threshold=gg.Quantile(0.7))
-    model, opt, loader = guard.make_guarded(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(ds, batch_size=8), grad_scaler=scaler)
-    inner = opt.original_optimizer
-    applied, original_step = [], inner.step
-
-    def step(*args, **kwargs):
-        applied.append(torch.cat([p.grad.reshape(-1).double() for p in model.parameters()]))
-        return original_step(*args, **kwargs)
-
-    inner.step = step
+    guard, model, opt, loader, scaler = setup(
+        {"policy": "drop", "threshold": gg.Quantile(0.7)}, device=device, n=16, seed=3,
+        seq_len=30, hidden=4)
+    applied = record_applied(opt, model)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         G, want = reference(model, x, y)
