@@ -570,14 +570,15 @@ class GramHooks:
         smaller than the captures (see the class docstring, Memory)."""
         if call.batch_size == 0:
             return
-        if self._tied_sketch_plan(idx) is not None:
-            self._condense_tied(idx, call)
+        plan = self._tied_sketch_plan(idx)
+        if plan is not None:
+            self._condense_tied(idx, call, plan)
             return
         names = self._condensable_names(idx, call)
         if not names:
             return
         owner, b = self._owners[idx], call.batch_size
-        seg = owner.kernel.segments(owner.module, [call])[0]
+        seg = owner.kernel._segs(owner.module, [call])[0]  # (the cost model reads it too)
         captured = seg.A.numel() + seg.D.numel()
         kind = size = None
         if self._use_sketch(owner, [call], b, names):
@@ -586,7 +587,7 @@ class GramHooks:
                 size = b * seg.A.shape[2] * min(self.sketch_dim, seg.A.shape[3] * seg.D.shape[3])
         elif self.strategy != "ghost" and not self._use_ghost(owner, [call], b, names):
             kind, size = "materialise", b * seg.A.shape[2] * seg.A.shape[3] * seg.D.shape[3]
-        # The cost model cached the call's segment before _collect placed it in the batch.
+        # The segment was cached before _collect placed the call in the batch: drop it.
         call.extra.pop("affine_segment", None)
         if kind is not None and size < captured:
             self._condense(idx, call, names, kind)
@@ -633,10 +634,11 @@ class GramHooks:
             return None
         return id(p), owners[0].path + ".tied", p.shape[1], p.shape[0]
 
-    def _condense_tied(self, idx: int, call: LayerCall) -> None:
+    def _condense_tied(self, idx: int, call: LayerCall, plan: tuple[int, str, int, int]) -> None:
         """Reduce one use of a sketched tied weight to its sketch rows (see
-        :func:`~gradguard.uniqueness.kernels.sketch.add_tied_rows_`)."""
-        pid, key, d, vocab = self._tied_sketch_plan(idx)
+        :func:`~gradguard.uniqueness.kernels.sketch.add_tied_rows_`); ``plan`` from
+        :meth:`_tied_sketch_plan`."""
+        pid, key, d, vocab = plan
         owner = self._owners[idx]
         self._promote_captures(call)
         if isinstance(owner.kernel, EmbeddingKernel):
@@ -664,7 +666,7 @@ class GramHooks:
         R = None
         for idx, c in use_calls:
             if c.condensed is None:
-                self._condense_tied(idx, c)
+                self._condense_tied(idx, c, self._tied_sketch_plan(idx))
             r = c.condensed["rows"]["weight"]
             if R is None:
                 R = r.new_zeros(batch, r.shape[1])

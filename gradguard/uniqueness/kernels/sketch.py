@@ -309,13 +309,10 @@ def tied_sketch_costs(uses, sketch_dim: int) -> tuple[float, float]:
     from .transformers import _tied_pair
 
     (emb, ek, ec), (head, hk, hc) = _tied_pair(uses)
+    cost, backward = sketch_costs(hk, head, hc, sketch_dim)  # the head: a linear layer
     shapes = hk.shapes(head, hc)
+    d_in, d_out = shapes[0][3:]
+    k_in, k_out, r = sketch_sides(d_in, d_out, sketch_dim, min(sh[1] for sh in shapes))
     emb_rows = sum(ids.numel() for ids, _, _ in ek._segments(emb, ec))
-    positions = min(sh[1] for sh in shapes)
-    cost = backward = 0.0
-    for B, T, _, d_in, d_out in shapes:
-        k_in, k_out, r = sketch_sides(d_in, d_out, sketch_dim, positions)
-        cost += B * T * r * (d_in * k_in + d_out * k_out + k_in * k_out)
-        backward += 2.0 * B * T * d_in * d_out
-    cost += emb_rows * r * (d_in * k_in + k_in * k_out)
+    cost += emb_rows * r * (d_in * k_in + k_in * k_out)  # δ projected, P_out's columns gathered
     return float(cost), float(backward)
